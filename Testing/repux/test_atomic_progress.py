@@ -1,0 +1,86 @@
+"""repux.atomic and repux.progress: all-or-nothing writes, machine-readable progress."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from repux.atomic import atomic_dir, atomic_path, write_json
+from repux.progress import Progress
+
+
+def test_atomic_path_leaves_nothing_on_error(tmp_path: Path) -> None:
+    target = tmp_path / "out.nii.gz"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.name.endswith(".nii.gz") and tmp.parent == tmp_path
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_replaces_only_with_overwrite(tmp_path: Path) -> None:
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as tmp:
+        (tmp / "model.json").write_text("1")
+    with pytest.raises(FileExistsError, match="bundle.*--force"):
+        with atomic_dir(target) as tmp:
+            pass
+    with atomic_dir(target, overwrite=True) as tmp:
+        (tmp / "model.json").write_text("2")
+    assert (target / "model.json").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_killed_writer_leaves_no_partial_file(tmp_path: Path) -> None:
+    """SIGTERM during a write: the destination never appears and the temp file is removed."""
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from repux.atomic import atomic_path
+        from repux.progress import cancel_on_sigterm
+        cancel_on_sigterm()
+        with atomic_path({str(tmp_path / "out.txt")!r}) as tmp:
+            tmp.write_text("partial")
+            print("writing", flush=True)
+            time.sleep(60)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    child.send_signal(signal.SIGTERM)
+    child.wait(timeout=30)
+    assert child.returncode != 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_json_round_trip(tmp_path: Path) -> None:
+    write_json({"a": [1, 2]}, tmp_path / "x.json")
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2]}
+
+
+def test_jsonl_progress_is_one_object_per_line() -> None:
+    stream = io.StringIO()
+    progress = Progress("jsonl", stream=stream)
+    progress.stage("infer", total=4)
+    progress.update(1, loss=0.5)
+    progress.update(4)
+    progress.message("case skipped")
+    progress.finish(output="x.nii.gz")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [r["stage"] for r in records] == ["infer", "infer", "infer", "infer", "done"]
+    assert records[1]["done"] == 1 and records[1]["total"] == 4 and records[1]["loss"] == 0.5
+    assert records[1]["eta"] >= 0 and records[2]["eta"] == 0
+    assert records[3]["message"] == "case skipped"
+    assert records[4]["output"] == "x.nii.gz"
+
+
+def test_unknown_progress_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="'fancy'.*bar, jsonl, none"):
+        Progress("fancy")

@@ -1,0 +1,126 @@
+"""repux.imageio: every format keeps the exact geometry; bad files get clear errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from repux.errors import InputError
+from repux.imageio import Volume, VolumeError, read_volume, to_sitk, write_volume
+
+
+def _oblique_volume(rng: np.random.Generator) -> Volume:
+    angle = 0.3
+    rotation = np.array(
+        [[np.cos(angle), 0.0, np.sin(angle)], [0.0, 1.0, 0.0], [-np.sin(angle), 0.0, np.cos(angle)]]
+    )
+    direction = rotation @ np.diag([-1.0, 1.0, -1.0])  # flipped axes on top of the rotation
+    array = rng.integers(-1000, 1000, size=(7, 5, 4)).astype(np.int16)
+    return Volume(array, (0.7, 0.9, 2.5), (10.0, -20.5, 33.0), direction)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_round_trip_keeps_values_and_geometry(tmp_path: Path, suffix: str) -> None:
+    volume = _oblique_volume(np.random.default_rng(0))
+    path = write_volume(volume, tmp_path / f"ct{suffix}")
+    back = read_volume(path)
+    np.testing.assert_array_equal(back.array, volume.array)
+    assert back.same_geometry(volume)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary left behind
+
+
+def test_array_is_indexed_i_j_k_like_the_file(tmp_path: Path) -> None:
+    # Write with SimpleITK directly: voxel (i=3, j=1, k=0) set; sitk indexes (x, y, z).
+    image = sitk.Image(6, 4, 2, sitk.sitkUInt8)
+    image.SetPixel(3, 1, 0, 7)
+    sitk.WriteImage(image, str(tmp_path / "x.nrrd"))
+    volume = read_volume(tmp_path / "x.nrrd")
+    assert volume.shape == (6, 4, 2)
+    assert volume.array[3, 1, 0] == 7
+
+
+def test_ras_affine_matches_lps_geometry() -> None:
+    volume = _oblique_volume(np.random.default_rng(1))
+    index = np.array([2.0, 3.0, 1.0, 1.0])
+    lps = volume.affine_lps @ index
+    ras = volume.affine @ index
+    np.testing.assert_allclose(ras[:3], lps[:3] * np.array([-1.0, -1.0, 1.0]))
+    rebuilt = Volume.from_affine(volume.array, volume.affine)
+    assert rebuilt.same_geometry(volume, tol=1e-9)
+
+
+def test_refuses_to_overwrite(tmp_path: Path) -> None:
+    volume = _oblique_volume(np.random.default_rng(2))
+    path = write_volume(volume, tmp_path / "a.nrrd")
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="a.nrrd"):
+        write_volume(volume.with_array(volume.array + 1), path)
+    assert path.read_bytes() == before
+    write_volume(volume.with_array(volume.array + 1), path, overwrite=True)
+    np.testing.assert_array_equal(read_volume(path).array, volume.array + 1)
+
+
+def test_missing_truncated_and_non_volume_files(tmp_path: Path) -> None:
+    with pytest.raises(VolumeError, match="no such file"):
+        read_volume(tmp_path / "absent.nii.gz")
+    good = write_volume(_oblique_volume(np.random.default_rng(3)), tmp_path / "good.nii")
+    truncated = tmp_path / "truncated.nii"
+    truncated.write_bytes(good.read_bytes()[:400])
+    with pytest.raises(VolumeError, match="truncated.nii.*cannot be read"):
+        read_volume(truncated)
+    text = tmp_path / "notes.nrrd"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="notes.nrrd"):
+        read_volume(text)
+
+
+def test_2d_and_vector_images_are_refused(tmp_path: Path) -> None:
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(tmp_path / "slice.nrrd"))
+    with pytest.raises(VolumeError, match=r"slice.nrrd.*2-D.*expected a 3-D volume"):
+        read_volume(tmp_path / "slice.nrrd")
+    sitk.WriteImage(sitk.Image(8, 8, 1, sitk.sitkInt16), str(tmp_path / "thin.nrrd"))
+    with pytest.raises(VolumeError, match=r"thin.nrrd.*single slice"):
+        read_volume(tmp_path / "thin.nrrd")
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorFloat32, 3), str(tmp_path / "rgb.nrrd"))
+    with pytest.raises(VolumeError, match=r"rgb.nrrd.*3 components"):
+        read_volume(tmp_path / "rgb.nrrd")
+    sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkInt16), str(tmp_path / "series.nrrd"))
+    with pytest.raises(VolumeError, match=r"series.nrrd.*4-D"):
+        read_volume(tmp_path / "series.nrrd")
+
+
+def test_dicom_series_folder(tmp_path: Path) -> None:
+    volume = _oblique_volume(np.random.default_rng(4))
+    volume = Volume(volume.array, (0.7, 0.9, 2.5), (10.0, -20.5, 33.0), np.eye(3))
+    image = sitk.Cast(to_sitk(volume), sitk.sitkInt16)
+    series = tmp_path / "dicom"
+    series.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        piece = image[:, :, k]
+        piece.SetMetaData("0020|0032", "\\".join(str(v) for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        piece.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        piece.SetMetaData("0020|0013", str(k))
+        piece.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1")
+        piece.SetMetaData("0008|0060", "CT")
+        writer.SetFileName(str(series / f"slice{k:03d}.dcm"))
+        writer.Execute(piece)
+    back = read_volume(series)
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_allclose(back.spacing, volume.spacing, atol=1e-4)
+    np.testing.assert_allclose(back.origin, volume.origin, atol=1e-4)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(VolumeError, match="no DICOM series"):
+        read_volume(empty)
+
+
+def test_truncated_compressed_nifti_is_refused(tmp_path: Path) -> None:
+    good = write_volume(_oblique_volume(np.random.default_rng(5)), tmp_path / "good.nii.gz")
+    data = good.read_bytes()
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(VolumeError, match=r"cut.nii.gz.*truncated"):
+        read_volume(truncated)

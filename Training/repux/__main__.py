@@ -1,0 +1,5 @@
+import sys
+
+from repux.cli import main
+
+sys.exit(main())

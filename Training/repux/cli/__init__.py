@@ -1,0 +1,60 @@
+"""The ``repux`` command: one subcommand per job, each in its own module of this package.
+
+Every subcommand module defines ``HELP`` (one line), ``configure(parser)`` and
+``run(args) -> int``, and imports torch only inside ``run`` so that ``repux --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from repux import __version__
+from repux.errors import InputError
+
+#: subcommand name -> module in this package, in the order ``repux --help`` lists them.
+SUBCOMMANDS = {
+    "segment": "segment",
+    "evaluate": "evaluate",
+    "train": "train",
+    "import-checkpoint": "import_checkpoint",
+    "make-phantoms": "make_phantoms",
+    "demo": "demo",
+    "bench": "bench",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="repux",
+        description="RepUX-Net organ segmentation: segment CTs, train and fine-tune with "
+        "Bayesian frequency re-parameterization, manage model bundles.",
+    )
+    parser.add_argument("--version", action="version", version=f"repux {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"repux.cli.{module_name}")
+        sub = commands.add_parser(name, help=module.HELP, description=module.HELP)
+        module.configure(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from repux.progress import cancel_on_sigterm
+
+    cancel_on_sigterm()
+    try:
+        return int(args.run(args) or 0)
+    except (InputError, FileExistsError, FileNotFoundError) as error:
+        print(f"repux {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"repux {args.command}: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
