@@ -59,9 +59,10 @@ class Progress:
         if self.mode == "jsonl":
             self._emit({"stage": self._stage, "done": done, "total": self._total, "eta": eta, **fields})
         elif self._bar is not None:
-            self._bar.update(done - self._bar.n)
+            # Fields first, so the redraw that update() triggers shows them for this count.
             if fields:
                 self._bar.set_postfix({k: _short(v) for k, v in fields.items()}, refresh=False)
+            self._bar.update(done - self._bar.n)
 
     def message(self, text: str, **fields: Any) -> None:
         """A line of information (a case skipped, a file written)."""
