@@ -1,0 +1,299 @@
+"""``RepUXLogic``: the module's scripting API, GUI-free and usable with the ``slicer-core`` wheel.
+
+Every method works on the scene and nodes it is given (no ``slicer.mrmlScene``, no
+``slicer.app``). Model work runs in a separate ``repux`` process (see :mod:`.runner`); the
+scene is changed only after that process has succeeded and its result has been read and
+checked, so a failure or a Cancel leaves the scene exactly as it was.
+
+Example::
+
+    logic = RepUXLogic(scene)
+    segmentation = logic.segment(volume_node, "demo")          # blocks, returns the node
+    job = logic.segment(volume_node, "demo", wait=False)        # returns a RepuxJob
+    while job.poll(): ...                                       # progress: job.latest
+    logic.export_labelmap(segmentation, "/tmp/labels.nii.gz")
+    case = logic.add_case(volume_node, segmentation, "/data/curated", "demo")
+    entry = logic.retrain("/data/curated", "demo", None, iterations=200)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import slicer
+from repux.errors import InputError
+
+from . import segmentations, trainingset
+from .catalog import ModelCatalog, ModelEntry
+from .runner import RepuxJob
+from .volumes import dimensions, ijk_to_ras, read_volume_node, same_grid, voxel_array, write_volume_node
+
+DEVICES = ("auto", "cpu", "cuda")
+#: Largest difference (mm) between the input's and the result's voxel-to-RAS matrices.
+GRID_TOLERANCE_MM = 1e-3
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def option_arguments(options: dict[str, Any]) -> list[str]:
+    """Command-line words for keyword options: ``fast=True`` -> ``--fast``,
+    ``overlap=0.25`` -> ``--overlap 0.25``, ``patch_size=(96, 96, 96)`` -> ``--patch-size 96 96 96``;
+    False and None are left out."""
+    words: list[str] = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *(str(item) for item in value)]
+        else:
+            words += [flag, str(value)]
+    return words
+
+
+class RepUXLogic:
+    """Segment, export, curate and retrain on one MRML scene.
+
+    Args:
+        scene: the vtkMRMLScene nodes are added to.
+        catalog: the models to choose from (default: :class:`ModelCatalog` with its defaults).
+        python: the interpreter for ``repux`` jobs (default: :func:`.runner.python_executable`).
+        temp_dir: parent folder for the jobs' temporary files (default: the system's).
+    """
+
+    def __init__(
+        self,
+        scene: "slicer.vtkMRMLScene",
+        catalog: ModelCatalog | None = None,
+        python: str | None = None,
+        temp_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.scene = scene
+        self.catalog = catalog if catalog is not None else ModelCatalog()
+        self.python = python
+        self.temp_dir = str(temp_dir) if temp_dir is not None else None
+
+    # -- segmentation -------------------------------------------------------------------
+    def segment(
+        self,
+        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        model: "str | os.PathLike | ModelEntry",
+        device: str = "auto",
+        wait: bool = True,
+        progress: Progress | None = None,
+        segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
+        **options: Any,
+    ) -> "slicer.vtkMRMLSegmentationNode | RepuxJob":
+        """Segment ``volume_node`` with ``model`` in a ``repux segment`` process.
+
+        Result: ``segmentation_node`` (its segments replaced) or a new segmentation node in
+        the scene, with one segment per label (name, colour, terminology), the volume as
+        reference geometry and the volume's parent transform. ``options`` become
+        ``repux segment`` flags (e.g. ``fast=True``, ``overlap=0.25``).
+
+        Returns the node (``wait=True``; raises :class:`.runner.JobError` on failure) or the
+        running :class:`.runner.RepuxJob` (``wait=False``), whose ``result`` is the node.
+        """
+        if device not in DEVICES:
+            raise InputError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+        if volume_node is None or volume_node.GetImageData() is None:
+            raise InputError("input volume: none selected, or it has no voxel data")
+        if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
+            raise InputError(f"segmentation {segmentation_node.GetName()!r}: is not in this logic's scene")
+        entry = self.catalog.get(model)
+        work = Path(tempfile.mkdtemp(prefix="repux-segment-", dir=self.temp_dir))
+        input_path, output_path = work / "input.nrrd", work / "labels.nrrd"
+        try:
+            write_volume_node(volume_node, input_path, compress=False)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        args = ["segment", str(input_path), "-o", str(output_path), "--model", str(entry.path), "--device", device]
+        args += ["--progress", "jsonl", *option_arguments(options)]
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: self._import_result(output_path, volume_node, entry, segmentation_node),
+            cleanup=lambda: shutil.rmtree(work, ignore_errors=True),
+            progress=progress,
+            description=f"repux segment ({volume_node.GetName()}, model {entry.name})",
+        )
+        return job.wait() if wait else job
+
+    def _import_result(self, label_path: Path, volume_node, entry: ModelEntry, segmentation_node):
+        # Everything that can fail happens before the scene is touched.
+        result = read_volume_node(label_path, labelmap=True)
+        if not same_grid(result, volume_node, GRID_TOLERANCE_MM):
+            raise InputError(
+                f"{label_path}: the label map's grid {dimensions(result)} / {ijk_to_ras(result).round(4).tolist()} "
+                f"differs from the input's {dimensions(volume_node)} / {ijk_to_ras(volume_node).round(4).tolist()}"
+            )
+        labels = voxel_array(result)
+        segmentations.check_label_values(labels, entry.labels, str(label_path))
+        # The volume's own matrix, so the segmentation's grid is the input's exactly.
+        return self._store_segmentation(labels, ijk_to_ras(volume_node), entry, segmentation_node, volume_node)
+
+    def _store_segmentation(self, labels: np.ndarray, grid, entry: ModelEntry, segmentation_node, reference_volume_node):
+        """Fill (or create and add) the segmentation; ``grid`` is the voxel-to-RAS matrix of ``labels``."""
+        new = segmentation_node is None
+        node = slicer.vtkMRMLSegmentationNode() if new else segmentation_node
+        segmentations.fill_segmentation(node, labels, grid, entry.labels, entry.name)
+        if new:
+            base = reference_volume_node.GetName() if reference_volume_node is not None else entry.name
+            node.SetName(self.scene.GenerateUniqueName(f"{base} segmentation"))
+            self.scene.AddNode(node)
+            node.CreateDefaultDisplayNodes()
+        if reference_volume_node is not None:
+            node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+            node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+        else:
+            converter = slicer.vtkSegmentationConverter
+            node.GetSegmentation().SetConversionParameter(
+                converter.GetReferenceImageGeometryParameterName(),
+                converter.SerializeImageGeometry(segmentations.oriented_image(labels, grid)),
+            )
+        return node
+
+    def import_labelmap(
+        self,
+        path: str | os.PathLike,
+        model: "str | os.PathLike | ModelEntry",
+        reference_volume_node=None,
+        segmentation_node=None,
+    ) -> "slicer.vtkMRMLSegmentationNode":
+        """Load a label map file (values of ``model``) as a segmentation, as :meth:`segment` does.
+
+        With ``reference_volume_node`` the file must be on that volume's grid, which then
+        becomes the segmentation's reference geometry; without, the file's grid does.
+        """
+        entry = self.catalog.get(model)
+        result = read_volume_node(path, labelmap=True)
+        labels = voxel_array(result)
+        segmentations.check_label_values(labels, entry.labels, str(path))
+        if reference_volume_node is not None and not same_grid(result, reference_volume_node, GRID_TOLERANCE_MM):
+            raise InputError(f"{path}: not on the grid of volume {reference_volume_node.GetName()!r}")
+        grid = ijk_to_ras(reference_volume_node if reference_volume_node is not None else result)
+        return self._store_segmentation(labels, grid, entry, segmentation_node, reference_volume_node)
+
+    def export_labelmap(
+        self,
+        segmentation_node: "slicer.vtkMRMLSegmentationNode",
+        path: str | os.PathLike,
+        reference_volume_node=None,
+        model: "str | os.PathLike | ModelEntry | None" = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Write the segmentation as .nii.gz, .nrrd or .seg.nrrd with the model's label values.
+
+        Values come from each segment's *name* in ``model``'s labels (default: the model that
+        made the segmentation); the grid is ``reference_volume_node``'s (default: the
+        segmentation's reference geometry). Refuses to overwrite unless ``overwrite``.
+        """
+        return segmentations.export_labelmap(
+            segmentation_node, path, self._labels_for(segmentation_node, model), reference_volume_node, overwrite
+        )
+
+    def _labels_for(self, segmentation_node, model):
+        if model is not None:
+            return self.catalog.get(model).labels
+        labels = segmentations.model_labels(segmentation_node)
+        if labels is None:
+            raise InputError(
+                f"segmentation {segmentation_node.GetName()!r}: was not made by a RepUX model; "
+                "choose the model whose label values to use"
+            )
+        return labels
+
+    # -- curation and training ----------------------------------------------------------
+    def add_case(
+        self,
+        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        segmentation_node: "slicer.vtkMRMLSegmentationNode",
+        training_set_dir: str | os.PathLike,
+        model: "str | os.PathLike | ModelEntry",
+    ) -> str:
+        """Add the volume and its (corrected) segmentation to a training set; return the case id.
+
+        See :mod:`.trainingset` for the layout. Refuses segments whose names ``model`` does
+        not know; never overwrites a case.
+        """
+        entry = self.catalog.get(model)
+        return trainingset.add_case(volume_node, segmentation_node, training_set_dir, entry.labels, entry.name)
+
+    def retrain(
+        self,
+        training_set_dir: str | os.PathLike,
+        base_model: "str | os.PathLike | ModelEntry",
+        output_dir: str | os.PathLike | None = None,
+        wait: bool = True,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> "ModelEntry | RepuxJob":
+        """Fine-tune ``base_model`` on a training set with ``repux train``; register the result.
+
+        ``output_dir`` defaults to a new version folder in the user's model folder
+        (``demo`` -> ``demo-v2``); a bundle written elsewhere is copied into the catalog.
+        ``options`` become ``repux train`` flags (``iterations=200``, ``val_every=50``,
+        ``resume=True`` to continue a cancelled run of the same version, ...).
+        Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the running job.
+        """
+        entry = self.catalog.get(base_model)
+        manifest = trainingset.read_manifest(training_set_dir)
+        if manifest is None or not manifest["training"]:
+            raise InputError(f"{training_set_dir}: has no cases yet ({trainingset.DATASET_JSON} missing or empty)")
+        if output_dir is None:
+            # The next free version; a cancelled run of it left no bundle, so the same name
+            # comes back and its checkpoints (in NAME.work) are found by resume=True.
+            output_dir = self.catalog.user_dir / self.catalog.next_version_name(entry.name)
+            if not options.get("resume"):
+                options["force"] = True  # a fresh run: discard a cancelled run's checkpoints
+        output_dir = Path(output_dir).expanduser().resolve()
+        args = ["train", str(Path(training_set_dir).resolve()), "-o", str(output_dir), "--model", str(entry.path)]
+        args += ["--progress", "jsonl", *option_arguments(options)]
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: self.catalog.add(output_dir),
+            progress=progress,
+            description=f"repux train (base model {entry.name})",
+        )
+        return job.wait() if wait else job
+
+    def import_checkpoint(
+        self,
+        checkpoint: str | os.PathLike,
+        name: str,
+        arch: str,
+        labels: str,
+        wait: bool = True,
+        **options: Any,
+    ) -> "ModelEntry | RepuxJob":
+        """Import a published ``.pth`` into the user's model folder with ``repux import-checkpoint``.
+
+        ``labels``: a preset name (flare, flare21, amos) or a JSON label file; ``options``
+        become flags (``spacing=(1.0, 1.0, 1.2)``, ``patch_size=96``, ``description=...``).
+        """
+        self.catalog.check_new_name(name)
+        target = self.catalog.user_dir / name
+        args = ["import-checkpoint", str(Path(checkpoint).expanduser()), "--arch", arch, "--labels", labels]
+        args += ["-o", str(target), "--name", name, *option_arguments(options)]
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: self.catalog.add(target),
+            description=f"repux import-checkpoint ({Path(checkpoint).name})",
+        )
+        return job.wait() if wait else job
+
+    def import_bundle(self, folder: str | os.PathLike, name: str | None = None) -> ModelEntry:
+        """Copy a bundle folder into the user's model folder (see :meth:`.catalog.ModelCatalog.add`)."""
+        return self.catalog.add(folder, name)
