@@ -1,0 +1,242 @@
+"""``repux segment``: label maps (or Slicer segmentations) of CTs with a model bundle.
+
+One input and an output file name with a label-map ending: one case. Several inputs, or a
+folder of cases, and an output folder: one output per case, named after the input, and
+cases whose outputs exist already are skipped (reported) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from repux.errors import InputError
+from repux.progress import PROGRESS_MODES
+
+if TYPE_CHECKING:
+    from repux.progress import Progress
+
+HELP = "segment CTs with a RepUX-Net model bundle: label maps, Slicer segmentations, organ volumes"
+
+#: Label-map endings (the first is the default for output folders).
+FORMATS = (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha")
+PROBABILITIES_SUFFIX = ".nii.gz"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="CT image (.nii.gz, .nii, .nrrd, .mha), DICOM series folder, or a folder of such cases",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTPUT",
+        help=f"label map file for one input ({', '.join(FORMATS)}; .seg.nrrd = Slicer segmentation), "
+        "or a folder for several",
+    )
+    parser.add_argument("--model", default="demo", metavar="BUNDLE", help="bundle folder, or 'demo' (default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--overlap", type=float, default=None, metavar="F", help="sliding-window overlap 0..<1 (default: the bundle's)"
+    )
+    parser.add_argument("--fast", action="store_true", help="bf16 autocast on CUDA (faster; labels may vary a little)")
+    parser.add_argument(
+        "--probabilities",
+        metavar="PATH",
+        help="also write softmax probabilities: one 4-D float32 file per case (4th index = label value); "
+        f"a file for one input, a folder for several ({PROBABILITIES_SUFFIX} files)",
+    )
+    parser.add_argument(
+        "--volumes", metavar="TABLE", help="write organ volumes (mL) per case and label to a .csv or .json table"
+    )
+    parser.add_argument(
+        "--format", default=FORMATS[0], choices=FORMATS, help="label-map format in an output folder (default .nii.gz)"
+    )
+    parser.add_argument("--modality", metavar="NAME", help="refuse a bundle trained on another modality (e.g. CT)")
+    parser.add_argument(
+        "--progress",
+        default="bar",
+        choices=PROGRESS_MODES,
+        help="bar (terminal), jsonl (one JSON object per line on stdout) or none",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace existing outputs (default: refuse, or skip done cases)"
+    )
+
+
+@dataclass
+class Case:
+    """One input and where its outputs go."""
+
+    name: str
+    image: Path
+    labels: Path
+    probabilities: Path | None
+
+
+def case_name(path: Path) -> str:
+    """The input's name without its volume ending (a DICOM folder keeps its name)."""
+    from repux.imageio import volume_suffix
+
+    suffix = volume_suffix(path)
+    return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def find_inputs(inputs: list[str]) -> list[Path]:
+    """Image files and DICOM series folders named by ``inputs`` (folders of cases expanded)."""
+    from repux.imageio import volume_suffix
+
+    found: list[Path] = []
+    for text in inputs:
+        path = Path(text)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such file or folder")
+        if path.is_file() or _is_dicom_series(path):
+            found.append(path)
+            continue
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        cases = [p for p in entries if (p.is_file() and volume_suffix(p)) or (p.is_dir() and _is_dicom_series(p))]
+        if not cases:
+            raise InputError(
+                f"{path}: folder holds no CT images and no DICOM series; expected .nii.gz, .nii, .nrrd, .mha files "
+                "or DICOM series folders"
+            )
+        found.extend(cases)
+    return found
+
+
+def plan_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
+    """The cases and whether the output is a single file (else a folder)."""
+    from repux.infer.writers import LABEL_SUFFIXES, PROBABILITY_SUFFIXES, output_suffix, require_suffix
+
+    images = find_inputs(args.inputs)
+    output = Path(args.output)
+    single_file = bool(output_suffix(output, LABEL_SUFFIXES))
+    if single_file:
+        if len(images) != 1:
+            raise InputError(
+                f"{output}: one output file for {len(images)} inputs; expected an output folder (a path without "
+                f"a label-map ending) for several inputs"
+            )
+        probabilities = None
+        if args.probabilities:
+            require_suffix(args.probabilities, PROBABILITY_SUFFIXES, "--probabilities with one input")
+            probabilities = Path(args.probabilities)
+        return [Case(case_name(images[0]), images[0], output, probabilities)], True
+    if (output.exists() and not output.is_dir()) or (not output.exists() and output.suffix):
+        raise InputError(
+            f"{output}: not a label-map file name ({', '.join(FORMATS)}) nor a folder; "
+            "expected one of those endings, or a folder (without a file ending, or existing)"
+        )
+    if args.probabilities and output_suffix(args.probabilities, PROBABILITY_SUFFIXES):
+        raise InputError(f"--probabilities {args.probabilities}: expected a folder when the output is a folder")
+    cases, seen = [], {}
+    for image in images:
+        name = case_name(image)
+        if name in seen:
+            raise InputError(f"{image} and {seen[name]}: two inputs named {name!r}; their outputs would collide")
+        seen[name] = image
+        probabilities = Path(args.probabilities) / f"{name}{PROBABILITIES_SUFFIX}" if args.probabilities else None
+        cases.append(Case(name, image, output / f"{name}{args.format}", probabilities))
+    return cases, False
+
+
+def _outputs(case: Case) -> list[Path]:
+    return [p for p in (case.probabilities, case.labels) if p is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    from repux.progress import Progress
+
+    progress = Progress(args.progress)
+    try:
+        return _run(args, progress)
+    except KeyboardInterrupt:
+        progress.finish("cancelled")
+        raise
+    except Exception as error:
+        progress.finish("error", message=str(error))
+        raise
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
+    from repux.bundle import load_bundle
+    from repux.imageio import read_volume
+    from repux.infer import Segmenter, check_modality
+    from repux.infer.writers import (
+        TABLE_SUFFIXES,
+        label_volumes,
+        require_suffix,
+        write_label_map,
+        write_probabilities,
+        write_table,
+    )
+
+    cases, single_file = plan_cases(args)
+    if args.volumes:
+        require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
+        if Path(args.volumes).exists() and not args.force:
+            raise FileExistsError(f"{args.volumes}: already exists; refusing to overwrite it (use --force)")
+    if single_file and not args.force:
+        for path in _outputs(cases[0]):
+            if path.exists():
+                raise FileExistsError(f"{path}: already exists; refusing to overwrite it (use --force)")
+
+    bundle = load_bundle(args.model)
+    check_modality(bundle, args.modality)
+    segmenter = Segmenter(bundle, device=args.device, overlap=args.overlap, fast=args.fast, progress=progress)
+
+    rows, written, skipped, failed = [], [], [], []
+    for index, case in enumerate(cases, start=1):
+        existing = [p for p in _outputs(case) if p.exists()]
+        if existing and not args.force:
+            if len(existing) < len(_outputs(case)):
+                failed.append(f"{case.name}: {existing[0]} exists but not all outputs do; use --force to redo the case")
+                continue
+            skipped.append(case.name)
+            progress.message(f"skipped {case.name}: {case.labels} exists", case=case.name, skipped=True)
+            if args.volumes:
+                rows += label_volumes(read_volume(case.labels), bundle.labels, case.name)
+            continue
+        try:
+            progress.stage("read")
+            progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
+            image = read_volume(case.image)
+            prediction = segmenter.predict(image, probabilities=case.probabilities is not None, source=str(case.image))
+            if case.probabilities is not None:
+                write_probabilities(prediction.probabilities, image, case.probabilities, overwrite=args.force)
+            write_label_map(prediction.labels, case.labels, bundle.labels, overwrite=args.force)
+        except InputError as error:
+            if single_file:
+                raise
+            failed.append(str(error))
+            progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
+            continue
+        for note in prediction.notes:
+            progress.message(note, case=case.name)
+        written.append(str(case.labels))
+        progress.message(f"wrote {case.labels}", case=case.name, output=str(case.labels))
+        if args.volumes:
+            rows += label_volumes(prediction.labels, bundle.labels, case.name)
+
+    if args.volumes:
+        write_table(rows, args.volumes, overwrite=args.force)
+        progress.message(f"wrote {args.volumes}")
+    if failed:
+        raise InputError(f"{len(failed)} of {len(cases)} case(s) failed:\n  " + "\n  ".join(failed))
+    if skipped:
+        progress.message(f"skipped {len(skipped)} case(s) whose outputs exist (use --force to redo them)")
+    progress.finish("done", outputs=written, skipped=skipped)
+    return 0

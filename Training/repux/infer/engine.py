@@ -1,0 +1,176 @@
+"""The inference engine: a bundle's network applied to a volume, labels on the input's grid.
+
+:class:`Segmenter` chains the three stages, each in its own module:
+:mod:`~repux.infer.preprocess` (input -> network input on the model grid),
+:mod:`~repux.infer.predict` (sliding-window probabilities) and
+:mod:`~repux.infer.export` (probabilities -> labels on the input's exact voxel grid).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from repux.bundle import Bundle
+from repux.errors import InputError
+from repux.imageio import Volume
+from repux.infer.export import to_input_grid
+from repux.infer.predict import (
+    ExecutionPlan,
+    SlidingWindowConfig,
+    WindowPredictor,
+    plan_execution,
+    predict_probabilities,
+)
+from repux.infer.preprocess import PreprocessingConfig, check_image, preprocess
+from repux.progress import Progress
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cuda``/``cuda:N`` must exist.
+
+    Raises:
+        InputError: a CUDA device was asked for and is not available, or the name is unknown.
+    """
+    text = str(name)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise InputError(f"--device {text}: unknown device; expected one of {', '.join(DEVICE_CHOICES)}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {text}: no CUDA device is available here; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) are available")
+    elif device.type != "cpu":
+        raise InputError(f"--device {text}: unsupported device type; expected one of {', '.join(DEVICE_CHOICES)}")
+    return device
+
+
+def check_modality(bundle: Bundle, modality: str | None) -> None:
+    """Refuse a bundle trained for another modality than the one the user named.
+
+    Raises:
+        InputError: ``modality`` is given and differs from the bundle's.
+    """
+    if modality is not None and modality.upper() != bundle.metadata.modality.upper():
+        raise InputError(
+            f"{bundle.path}: model {bundle.metadata.name!r} was trained on {bundle.metadata.modality}; "
+            f"expected a {modality.upper()} model (--modality {modality})"
+        )
+
+
+@dataclass
+class Prediction:
+    """What :meth:`Segmenter.predict` returns.
+
+    Attributes:
+        labels: label map with the input's exact geometry (uint8, or uint16 beyond 256 labels).
+        probabilities: (C, I, J, K) float32 on the input grid when asked for, else None.
+        plan: the execution plan that succeeded (device, stitching device, windows per pass).
+        windows: number of sliding windows.
+        seconds: wall time per stage ("preprocess", "infer", "export").
+        notes: messages worth showing (out-of-memory retries, ignored options).
+    """
+
+    labels: Volume
+    probabilities: np.ndarray | None
+    plan: ExecutionPlan
+    windows: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class Segmenter:
+    """Segments volumes with a bundle's network.
+
+    Args:
+        bundle: the model bundle (weights, spacing, intensity window, patch, labels).
+        device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+        overlap: sliding-window overlap 0 <= overlap < 1; None keeps the bundle's.
+        fast: bf16 autocast on CUDA (ignored on the CPU).
+        progress: where stages and window counts are reported; None reports nothing.
+        network: a module to run instead of the bundle's own (same inputs and outputs),
+            e.g. a re-parameterised copy; the bundle still provides everything else.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "auto",
+        overlap: float | None = None,
+        fast: bool = False,
+        progress: Progress | None = None,
+        network: nn.Module | None = None,
+    ) -> None:
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise InputError(f"--overlap {overlap}: expected a number 0 <= overlap < 1")
+        self.bundle = bundle
+        self.device = resolve_device(device)
+        metadata = bundle.metadata
+        self.preprocessing = PreprocessingConfig.from_metadata(metadata.preprocessing)
+        self.window = SlidingWindowConfig.from_metadata(metadata.preprocessing, metadata.inference, overlap)
+        self.progress = progress if progress is not None else Progress("none")
+        self.out_chans = int(metadata.network["out_chans"])
+        model = network if network is not None else bundle.build_network(device="cpu")
+        self.predictor = WindowPredictor(model, self.device, fast)
+        self.fast = fast
+
+    def segment(self, volume: Volume, source: str = "image") -> Volume:
+        """Labels of ``volume`` on its own voxel grid (see :meth:`predict`)."""
+        return self.predict(volume, source=source).labels
+
+    def predict(self, volume: Volume, probabilities: bool = False, source: str = "image") -> Prediction:
+        """Segment ``volume`` (HU); ``source`` names it in errors.
+
+        Raises:
+            InputError: NaN/Inf or constant images (naming ``source``).
+            torch.OutOfMemoryError: only when even one window on the CPU does not fit.
+        """
+        check_image(volume, source)
+        notes: list[str] = []
+        if self.bundle.metadata.modality == "CT" and float(volume.array.min()) >= 0:
+            notes.append(
+                f"{source}: no negative voxel values (minimum {volume.array.min()}); a CT in HU has air at "
+                "about -1000: check that the image is a CT with its rescale applied"
+            )
+        if self.fast and self.device.type != "cuda":
+            notes.append("--fast (bf16) applies on CUDA only; running in float32 on the CPU")
+        seconds: dict[str, float] = {}
+
+        start = time.perf_counter()
+        self.progress.stage("preprocess")
+        prepared = preprocess(volume, self.preprocessing, self.device)
+        seconds["preprocess"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        plan = plan_execution(tuple(prepared.image.shape[2:]), self.out_chans, self.window, self.device)
+
+        def retried(message: str) -> None:
+            notes.append(message)
+            self.progress.message(message)
+
+        probs, plan = predict_probabilities(prepared.image, self.predictor, self.window, plan, self.progress, retried)
+        seconds["infer"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self.progress.stage("export")
+        # Map back where the probabilities already are: the GPU when they were stitched there.
+        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities)
+        seconds["export"] = time.perf_counter() - start
+        return Prediction(
+            labels=volume.with_array(labels),
+            probabilities=kept,
+            plan=plan,
+            windows=self.window.window_count(tuple(prepared.image.shape[2:])),
+            seconds=seconds,
+            notes=notes,
+        )

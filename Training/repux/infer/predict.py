@@ -1,0 +1,206 @@
+"""Prediction: sliding-window inference of the network over the preprocessed image.
+
+- :class:`SlidingWindowConfig`: every sliding-window parameter in one place.
+- :class:`WindowPredictor`: the one place where a batch of windows becomes logits
+  (device, bf16 autocast); faster window predictors (re-parameterised kernels, FFT
+  convolutions, channels-last) replace it without touching the rest.
+- :class:`ExecutionPlan` and :func:`predict_probabilities`: MONAI's
+  ``sliding_window_inference`` with constant (or Gaussian) blending, then softmax; a CUDA
+  out-of-memory is retried with fewer windows per pass, then with stitching on the CPU,
+  then on the CPU altogether, instead of failing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from repux.progress import Progress
+
+#: Seconds between two progress reports of the window count (the last window always reports).
+PROGRESS_INTERVAL = 0.25
+#: Stitch on the GPU only when the stitched output needs at most this share of free GPU memory.
+GPU_STITCH_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class SlidingWindowConfig:
+    """Window size, overlap, windows per forward pass and blending (MONAI's names)."""
+
+    patch_size: tuple[int, int, int]
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    blend: str = "constant"
+
+    @classmethod
+    def from_metadata(
+        cls, preprocessing: dict[str, Any], inference: dict[str, Any], overlap: float | None = None
+    ) -> "SlidingWindowConfig":
+        """From a bundle's ``model.json``; ``overlap`` overrides the bundle's."""
+        return cls(
+            patch_size=tuple(int(p) for p in preprocessing["patch_size"]),  # type: ignore[arg-type]
+            overlap=float(inference["overlap"] if overlap is None else overlap),
+            sw_batch_size=int(inference["sw_batch_size"]),
+            blend=str(inference["blend"]),
+        )
+
+    def scan_interval(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Step between windows along each axis, as MONAI computes it."""
+        steps = []
+        for size, roi in zip(shape, self.patch_size):
+            if roi >= size:
+                steps.append(roi)
+            else:
+                steps.append(max(int(roi * (1 - self.overlap)), 1))
+        return tuple(steps)
+
+    def window_count(self, shape: tuple[int, ...]) -> int:
+        """Number of windows over an image of spatial ``shape`` (at least the patch size)."""
+        roi = tuple(min(r, s) for r, s in zip(self.patch_size, shape))
+        return len(dense_patch_slices(shape, roi, self.scan_interval(shape)))
+
+
+class WindowPredictor:
+    """Logits of a batch of windows: (B, 1, X, Y, Z) -> (B, C, X, Y, Z) float32.
+
+    Args:
+        network: the segmentation network in eval mode.
+        device: where the network runs.
+        fast: bf16 autocast on CUDA (no effect on the CPU, where it is slower).
+    """
+
+    def __init__(self, network: nn.Module, device: torch.device, fast: bool = False) -> None:
+        self.network = network.to(device).eval()
+        self.device = device
+        self.fast = fast
+
+    @property
+    def autocast(self) -> bool:
+        return self.fast and self.device.type == "cuda"
+
+    def to(self, device: torch.device) -> "WindowPredictor":
+        """The same predictor moved to ``device``."""
+        return WindowPredictor(self.network, device, self.fast)
+
+    def __call__(self, windows: torch.Tensor) -> torch.Tensor:
+        windows = windows.to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.network(windows)
+        return logits.float()
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Where windows run (``device``), where the output is stitched, and windows per pass."""
+
+    device: torch.device
+    stitch_device: torch.device
+    sw_batch_size: int
+
+    def describe(self) -> str:
+        return f"{self.sw_batch_size} window(s) per pass on {self.device}, stitching on {self.stitch_device}"
+
+    def after_out_of_memory(self) -> "ExecutionPlan | None":
+        """The next, lighter plan to try after an out-of-memory error; None when none is left."""
+        cpu = torch.device("cpu")
+        if self.sw_batch_size > 1:
+            return replace(self, sw_batch_size=max(self.sw_batch_size // 2, 1))
+        if self.stitch_device.type != "cpu":
+            return replace(self, stitch_device=cpu)
+        if self.device.type != "cpu":
+            return replace(self, device=cpu)
+        return None
+
+
+def plan_execution(
+    image_shape: tuple[int, ...], out_chans: int, config: SlidingWindowConfig, device: torch.device
+) -> ExecutionPlan:
+    """Stitch on the GPU when the output (C + 1 float32 volumes: output and weights) fits easily."""
+    stitch = device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        needed = (out_chans + 2) * math.prod(image_shape) * 4
+        if needed > GPU_STITCH_SHARE * free:
+            stitch = torch.device("cpu")
+    return ExecutionPlan(device, stitch, config.sw_batch_size)
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def predict_probabilities(
+    image: torch.Tensor,
+    predictor: WindowPredictor,
+    config: SlidingWindowConfig,
+    plan: ExecutionPlan,
+    progress: Progress | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> tuple[torch.Tensor, ExecutionPlan]:
+    """Softmax probabilities (C, X, Y, Z) of ``image`` (1, 1, X, Y, Z) and the plan that worked.
+
+    Logits of overlapping windows are blended (constant or Gaussian weights), then softmax.
+    ``progress`` gets a stage "infer" counting windows. An out-of-memory error switches to
+    :meth:`ExecutionPlan.after_out_of_memory` and starts again; ``on_retry`` hears why.
+    """
+    total = config.window_count(tuple(image.shape[2:]))
+    while True:
+        predictor = predictor.to(plan.device)
+        try:
+            logits = _run_windows(image, predictor, config, plan, progress, total)
+            break
+        except torch.OutOfMemoryError:
+            failed = plan
+        # Retry outside the except block: the traceback's frames would keep the big tensors alive.
+        _release_memory(failed.device)
+        plan = failed.after_out_of_memory()
+        if plan is None:
+            raise torch.OutOfMemoryError(
+                f"out of memory even with {failed.describe()}; free memory or use a smaller patch size"
+            )
+        if on_retry is not None:
+            on_retry(f"out of memory with {failed.describe()}; retrying with {plan.describe()}")
+    return torch.softmax(logits[0], dim=0), plan
+
+
+def _run_windows(
+    image: torch.Tensor,
+    predictor: WindowPredictor,
+    config: SlidingWindowConfig,
+    plan: ExecutionPlan,
+    progress: Progress | None,
+    total: int,
+) -> torch.Tensor:
+    done, reported = 0, time.monotonic()
+    if progress is not None:
+        progress.stage("infer", total)
+
+    def counted(windows: torch.Tensor) -> torch.Tensor:
+        nonlocal done, reported
+        logits = predictor(windows)
+        done += windows.shape[0]
+        if progress is not None and (done >= total or time.monotonic() - reported >= PROGRESS_INTERVAL):
+            progress.update(done)
+            reported = time.monotonic()
+        return logits
+
+    with torch.inference_mode():
+        return sliding_window_inference(
+            image,
+            roi_size=config.patch_size,
+            sw_batch_size=plan.sw_batch_size,
+            predictor=counted,
+            overlap=config.overlap,
+            mode=config.blend,
+            sw_device=plan.device,
+            device=plan.stitch_device,
+        )
