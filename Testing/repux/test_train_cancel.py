@@ -1,0 +1,81 @@
+"""Cancel: SIGTERM (what Ctrl-C and the Slicer module's Cancel amount to) saves a checkpoint on
+the way out, and that checkpoint is neither overwritten by a fresh start nor resumed with
+other settings.
+
+Real subprocesses of ``repux train`` on tiny phantoms (sizes as in test_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repux.data.phantoms import write_phantom_dataset
+
+TINY_NETWORK = {"arch": "repuxnet", "feat_size": [4, 8, 16, 32], "hidden_size": 32, "ks": 9}
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    data = write_phantom_dataset(4, root / "phantoms", seed=8, shape=(40, 40, 28))
+    network = root / "tiny.json"
+    network.write_text(json.dumps(TINY_NETWORK))
+    return data, network
+
+
+def train_args(data: Path, network: Path, out: Path, iterations: int, every: int) -> list[str]:
+    return [
+        sys.executable, "-m", "repux", "train", str(data), "-o", str(out), "--network", str(network),
+        "--iterations", str(iterations), "--checkpoint-every", str(every), "--val-every", "4",
+        "--patch-size", "32", "--spacing", "8", "--seed", "11", "--progress", "jsonl",
+    ]  # fmt: skip
+
+
+def checkpoint_iteration(workdir: Path) -> int:
+    return int(torch.load(workdir / "checkpoint.pt", weights_only=True)["iteration"])
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_sigterm_saves_a_checkpoint_that_later_runs_respect(setup, tmp_path):
+    data, network = setup
+    out, workdir = tmp_path / "model", tmp_path / "model.work"
+    process = subprocess.Popen(
+        train_args(data, network, out, iterations=40, every=100), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=ENV, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in process.stdout:
+        seen.append(json.loads(line))
+        if seen[-1].get("iteration", 0) >= 3 and "loss" in seen[-1]:
+            break
+    assert not (workdir / "checkpoint.pt").exists()  # no periodic checkpoint before 100
+    process.send_signal(signal.SIGTERM)
+    rest, stderr = process.communicate(timeout=120)
+    seen += records(rest)
+    assert process.returncode == 130, stderr
+    assert seen[-1] == {"stage": "cancelled"} and "cancelled" in stderr
+    cancelled = [r for r in seen if "cancelled at iteration" in r.get("message", "")]
+    assert len(cancelled) == 1
+    saved = checkpoint_iteration(workdir)
+    assert saved == cancelled[0]["iteration"] >= 3
+    assert not out.exists()
+
+    # Neither a fresh start over the checkpoint nor a resume with other settings is allowed.
+    args = train_args(data, network, out, iterations=40, every=100)
+    fresh = subprocess.run(args, capture_output=True, text=True, env=ENV)
+    assert fresh.returncode == 2 and "--resume" in fresh.stderr and "holds a checkpoint" in fresh.stderr
+    changed = subprocess.run([*args, "--resume", "--lr", "2e-4"], capture_output=True, text=True, env=ENV)
+    assert changed.returncode == 2 and "lr: checkpoint 0.0001, now 0.0002" in changed.stderr
+    assert checkpoint_iteration(workdir) == saved
