@@ -1,0 +1,335 @@
+"""The speed and memory benchmark: reference and optimized paths on the same CT, in one run.
+
+Steps (each measured path runs in its own process, see :mod:`.worker`):
+
+1. the benchmark CT: ``make_phantom(seed, shape, spacing)`` (512 x 512 x 200 voxels of
+   0.8 x 0.8 x 1.5 mm), written as NIfTI;
+2. speed at a network preset's width with random weights (default: the paper's), twice:
+   with dense large kernels and with kernels zero outside the centre (as the published
+   training leaves them): per-patch time of the plain and the optimized network taken in
+   turn on the same windows, and end-to-end segmentation by :data:`~.paths.REFERENCE`,
+   :data:`~.paths.OPTIMIZED` and :data:`~.paths.FEWER_WINDOWS`. On a CPU the reference at the paper's width would take hours
+   on the whole CT, so a slab of slices stands in (:data:`CPU_TIMING_SLICES`, recorded);
+3. agreement with trained weights (bundles given by name or path): every path on the CT,
+   per-label Dice between its label map and the reference's, largest probability difference.
+
+The headline (:func:`summarize`) is the fastest optimized path whose labels agree with the
+reference's at :data:`AGREEMENT_BAR` on every trained bundle.
+
+``quick`` shrinks it (a half-resolution CT, no paper-width timing) to a few minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repux.bench.agreement import label_dice, max_probability_difference
+from repux.bench.paths import FEWER_WINDOWS, LARGE_PAGES_ENV, OPTIMIZED, REFERENCE, SegmentationPath
+from repux.bench.worker import run_task
+
+__all__ = ["BenchmarkSettings", "FULL", "QUICK", "run_benchmark", "summary_line"]
+
+#: Lowest per-label Dice with the reference's labels for a path to count as the same result.
+AGREEMENT_BAR = 0.995
+
+#: Slices (k range of the 512 x 512 x 200 CT) timed at the paper's width on a CPU: 72 mm of
+#: the abdomen with the whole field of view, so the body crop still has air to remove.
+CPU_TIMING_SLICES = (76, 124)
+
+
+@dataclass(frozen=True)
+class BenchmarkSettings:
+    """What the benchmark runs.
+
+    Attributes:
+        quick: the reduced version (named in reports).
+        device: "cpu", "cuda", "cuda:N" or "auto".
+        seed: phantom and random-weight seed.
+        ct_shape, ct_spacing: the phantom CT's grid (voxels, mm).
+        timing_preset: network preset timed with random weights (None: no such timing).
+        timing_slices: k range of the CT used for that timing (None: the whole CT).
+        models: trained bundles (names or folders) for agreement (and their own speed).
+        agreement_slices: k range of the CT for agreement (None: the whole CT).
+        patch_reps: per-patch timings of each network (medians reported).
+        paths: the reference, then the optimized paths.
+    """
+
+    quick: bool = False
+    device: str = "auto"
+    seed: int = 0
+    ct_shape: tuple[int, int, int] = (512, 512, 200)
+    ct_spacing: tuple[float, float, float] = (0.8, 0.8, 1.5)
+    timing_preset: str | None = "paper"
+    timing_slices: tuple[int, int] | None = CPU_TIMING_SLICES
+    models: tuple[str, ...] = ("demo",)
+    agreement_slices: tuple[int, int] | None = None
+    patch_reps: int = 3
+    paths: tuple[SegmentationPath, ...] = (REFERENCE, OPTIMIZED, FEWER_WINDOWS)
+
+
+FULL = BenchmarkSettings()
+#: Same field of view at half the resolution along each axis, trained bundles only.
+QUICK = BenchmarkSettings(
+    quick=True, ct_shape=(256, 256, 100), ct_spacing=(1.6, 1.6, 3.0), timing_preset=None, timing_slices=None
+)
+
+
+def _log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_description(device: str) -> dict[str, Any]:
+    """CPU model, cores, load, torch build and accelerator, for the report."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": device,
+    }
+    from repux.accel import native_bfloat16
+
+    info["native_bfloat16_cpu"] = native_bfloat16("cpu")
+    return info
+
+
+def _slab(volume: Any, slices: tuple[int, int] | None) -> Any:
+    """Slices ``k0:k1`` of ``volume`` with their true position in space."""
+    from repux.imageio import Volume
+
+    if slices is None:
+        return volume
+    k0, k1 = slices
+    if not 0 <= k0 < k1 <= volume.shape[2]:
+        raise ValueError(f"slices {k0}:{k1} outside the CT's {volume.shape[2]} slices")
+    offset = np.asarray(volume.direction, dtype=float) @ (np.asarray(volume.spacing) * np.array([0.0, 0.0, k0]))
+    return Volume(
+        np.ascontiguousarray(volume.array[:, :, k0:k1]),
+        volume.spacing,
+        tuple(float(v) for v in np.asarray(volume.origin) + offset),
+        volume.direction,
+    )
+
+
+def _random_bundle(preset: str, kernels: str, seed: int, folder: Path) -> Path:
+    """A bundle of the preset's network with random weights; ``kernels`` "dense" or "centre"."""
+    import torch
+
+    from repux.bundle import BundleMetadata, label_preset, save_bundle
+    from repux.network import NETWORK_PRESETS, build_network, large_kernel_convs
+
+    torch.manual_seed(seed)
+    config = dict(NETWORK_PRESETS[preset])
+    arch = config.pop("arch")
+    labels = label_preset("flare")
+    network = build_network(arch, **config, out_chans=len(labels))
+    if kernels == "centre":
+        with torch.no_grad():
+            for _, conv in large_kernel_convs(network):
+                centre = conv.kernel_size[0] // 2
+                kept = conv.weight[..., centre, centre, centre].clone()
+                conv.weight.zero_()
+                conv.weight[..., centre, centre, centre] = kept
+    described = dict(network.config)
+    described.pop("arch")
+    metadata = BundleMetadata(
+        name=f"random-{preset}-{kernels}",
+        architecture=arch,
+        network=described,
+        labels=labels,
+        description=f"random weights ({kernels} large kernels) for timing only",
+    )
+    return save_bundle(network, metadata, folder / f"{preset}-{kernels}", force=True)
+
+
+def _segment(
+    bundle: Path | str, image: Path, path: SegmentationPath, settings: BenchmarkSettings, out: Path | None
+) -> dict[str, Any]:
+    """One path's end-to-end run in a worker; with ``out``, labels and probabilities are kept there."""
+    stem = f"path{settings.paths.index(path)}"
+    task = {
+        "kind": "segment",
+        "bundle": str(bundle),
+        "image": str(image),
+        "path": path.to_json(),
+        "device": settings.device,
+        "labels_out": str(out / f"{stem}-labels.npy") if out else None,
+        "probabilities_out": str(out / f"{stem}-probabilities.npy") if out else None,
+    }
+    _log(f"{path.name}: {image.name} with {bundle}")
+    result = run_task(task, env=LARGE_PAGES_ENV if path.large_pages else None)
+    result["end_to_end_s"] = result["load_s"] + result["segment_s"]
+    _log(
+        f"  {result['windows']} windows, {result['end_to_end_s']:.1f} s, "
+        f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+    return result
+
+
+def _run_paths(
+    bundle: Path | str, image: Path, settings: BenchmarkSettings, out: Path | None
+) -> list[dict[str, Any]]:
+    """Every path on ``image`` (the reference first); speed-ups relative to the reference."""
+    runs = [_segment(bundle, image, path, settings, out) for path in settings.paths]
+    for run in runs:
+        run["speedup"] = runs[0]["end_to_end_s"] / run["end_to_end_s"]
+    return runs
+
+
+def _timing(settings: BenchmarkSettings, image: Path, work: Path) -> list[dict[str, Any]]:
+    results = []
+    for kernels in ("dense", "centre"):
+        bundle = _random_bundle(settings.timing_preset, kernels, settings.seed, work)
+        _log(f"per-patch timing, {settings.timing_preset} width, {kernels} kernels")
+        patch = run_task(
+            {
+                "kind": "patch",
+                "bundle": str(bundle),
+                "device": settings.device,
+                "patch": [96, 96, 96],
+                "batch": 1,
+                "reps": settings.patch_reps,
+                "layers": kernels == "dense",
+                "seed": settings.seed,
+            }
+        )
+        patch["median_s"] = {name: statistics.median(times) for name, times in patch["seconds"].items()}
+        results.append({"kernels": kernels, "patch": patch, "runs": _run_paths(bundle, image, settings, None)})
+    return results
+
+
+def _agreement(settings: BenchmarkSettings, image: Path, work: Path) -> list[dict[str, Any]]:
+    from repux.bundle import load_bundle
+
+    results = []
+    for model in settings.models:
+        bundle = load_bundle(model)
+        labels = len(bundle.labels)
+        out = Path(tempfile.mkdtemp(prefix="agreement-", dir=work))
+        runs = _run_paths(bundle.path, image, settings, out)
+        reference_labels = np.load(out / "path0-labels.npy")
+        for index, run in enumerate(runs):
+            other = np.load(out / f"path{index}-labels.npy")
+            run["dice"] = label_dice(reference_labels, other, labels)
+            run["max_probability_difference"] = max_probability_difference(
+                out / "path0-probabilities.npy", out / f"path{index}-probabilities.npy"
+            )
+            _log(f"  {run['path']['name']}: Dice per label {[round(d, 4) for d in run['dice']]}")
+        results.append(
+            {
+                "model": model,
+                "bundle": str(bundle.path),
+                "network": bundle.metadata.network,
+                "spacing": bundle.metadata.preprocessing["spacing"],
+                "patch_size": bundle.metadata.preprocessing["patch_size"],
+                "labels": [label.name for label in bundle.labels],
+                "label_voxels": [int((reference_labels == value).sum()) for value in range(1, labels)],
+                "runs": runs,
+            }
+        )
+        for file in out.iterdir():
+            file.unlink()
+        out.rmdir()
+    return results
+
+
+def run_benchmark(settings: BenchmarkSettings, work: Path, command: str = "") -> dict[str, Any]:
+    """Run every step of the benchmark in ``work`` (a scratch folder); the results as a dict."""
+    from repux.data.phantoms import make_phantom
+    from repux.imageio import write_volume
+    from repux.infer import resolve_device
+
+    device = str(resolve_device(settings.device))
+    settings = replace(settings, device=device)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "command": command,
+        "settings": {**asdict(settings), "paths": [path.to_json() for path in settings.paths]},
+        "machine": machine_description(device),
+        "paths": {path.name: path.describe() for path in settings.paths},
+    }
+    _log(f"benchmark CT: phantom seed {settings.seed}, {settings.ct_shape} voxels of {settings.ct_spacing} mm")
+    ct, _ = make_phantom(settings.seed, shape=settings.ct_shape, spacing=settings.ct_spacing)
+    images = {}
+    for role, slices in (("timing", settings.timing_slices), ("agreement", settings.agreement_slices)):
+        name = "ct.nii.gz" if slices is None else f"ct-slices-{slices[0]}-{slices[1]}.nii.gz"
+        images[role] = work / name
+        if not images[role].exists():
+            write_volume(_slab(ct, slices), images[role], overwrite=True)
+    del ct
+    if settings.timing_preset is not None:
+        results["timing"] = _timing(settings, images["timing"], work)
+    if settings.models:
+        results["agreement"] = _agreement(settings, images["agreement"], work)
+    results["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    results["wall_s"] = time.perf_counter() - started
+    results["summary"] = summarize(results)
+    return results
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """The headline: the fastest optimized path whose labels agree with the reference's.
+
+    Agreement of a path is its lowest per-label Dice over the trained bundles; a path
+    qualifies at :data:`AGREEMENT_BAR` (the exact path always does, up to float rounding;
+    without trained bundles it is the only one taken). Its speed-up is the end-to-end one at
+    the timed width with dense kernels, or on the first trained bundle when none was timed.
+    """
+    paths = [path["name"] for path in results["settings"]["paths"]]
+    agreement = {
+        name: min(
+            (d for entry in results.get("agreement", []) for d in entry["runs"][index]["dice"]),
+            default=math.nan,
+        )
+        for index, name in enumerate(paths)
+    }
+    if results.get("timing"):
+        speedups = [run["speedup"] for run in results["timing"][0]["runs"]]
+    elif results.get("agreement"):
+        speedups = [run["speedup"] for run in results["agreement"][0]["runs"]]
+    else:
+        speedups = [math.nan] * len(paths)
+    candidates = [
+        index
+        for index in range(1, len(paths))
+        if agreement[paths[index]] >= AGREEMENT_BAR or (index == 1 and math.isnan(agreement[paths[index]]))
+    ] or [1]
+    chosen = max(candidates, key=lambda index: speedups[index])
+    return {
+        "path": paths[chosen],
+        "speedup": speedups[chosen],
+        "agreement": agreement[paths[chosen]],
+        "agreement_per_path": agreement,
+        "speedup_per_path": dict(zip(paths, speedups)),
+    }
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """``speedup X.XX agreement Y.YYYY`` (the last line ``repux bench`` prints)."""
+    summary = results["summary"]
+    return f"speedup {summary['speedup']:.2f} agreement {summary['agreement']:.4f}"

@@ -1,0 +1,131 @@
+"""``repux bench``: speed, memory and agreement of the optimized segmentation path vs the published one."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "benchmark segmentation: the published way vs the optimized path, speed, memory and agreement"
+
+
+def _slices(text: str) -> tuple[int, int] | str:
+    if text == "all":
+        return text
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K0:K1 (slice indices) or 'all'") from None
+    if not 0 <= first < last:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 0 <= K0 < K1")
+    return first, last
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (for the report)."""
+    import shlex
+
+    words = ["repux", "bench"] + (["--quick"] if args.quick else [])
+    for model in args.model or []:
+        words += ["--model", model]
+    words += ["--device", args.device, "--seed", str(args.seed)]
+    for option in ("timing_preset", "timing_slices", "agreement_slices", "patch_reps"):
+        value = getattr(args, option)
+        if value is not None:
+            text = f"{value[0]}:{value[1]}" if isinstance(value, tuple) else str(value)
+            words += [f"--{option.replace('_', '-')}", text]
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced version (half-resolution CT, trained bundles only): a few minutes on 2 cores",
+    )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="BUNDLE",
+        help="trained bundle (folder or shipped name) for agreement; repeatable (default: demo)",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--timing-preset",
+        metavar="NAME",
+        help="network preset timed with random weights (default: paper; 'none' in --quick); 'none' to skip",
+    )
+    parser.add_argument(
+        "--timing-slices",
+        type=_slices,
+        metavar="K0:K1",
+        help="slices of the CT for that timing, or 'all' (default on a CPU: 76:124; on a GPU: all)",
+    )
+    parser.add_argument(
+        "--agreement-slices", type=_slices, default="all", metavar="K0:K1", help="slices for agreement (default all)"
+    )
+    parser.add_argument("--patch-reps", type=int, default=None, metavar="N", help="per-patch timings (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="phantom and random-weight seed (default 0)")
+    parser.add_argument("--output", metavar="FILE.md", help="write the Markdown report there")
+    parser.add_argument("--json", metavar="FILE.json", help="write every measurement as JSON there")
+    parser.add_argument("--workdir", metavar="DIR", help="scratch folder (default: a temporary one, removed)")
+    parser.add_argument("--force", action="store_true", help="replace existing --output/--json files")
+
+
+def run(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from dataclasses import replace
+    from pathlib import Path
+
+    from repux.atomic import atomic_path, write_json
+    from repux.bench.report import render_markdown
+    from repux.bench.suite import FULL, QUICK, run_benchmark, summary_line
+    from repux.bundle import load_bundle
+    from repux.errors import InputError
+    from repux.infer import resolve_device
+
+    for target in (args.output, args.json):
+        if target and Path(target).exists() and not args.force:
+            raise FileExistsError(f"{target}: already exists; refusing to overwrite it (use --force)")
+    if args.patch_reps is not None and args.patch_reps < 1:
+        raise InputError(f"--patch-reps {args.patch_reps}: expected a positive number")
+    settings = QUICK if args.quick else FULL
+    device = resolve_device(args.device)
+    changes: dict = {"device": str(device), "seed": args.seed}
+    if args.model:
+        changes["models"] = tuple(args.model)
+    for model in changes.get("models", settings.models):
+        load_bundle(model)  # refuse a missing or broken bundle before any long work
+    if args.timing_preset is not None:
+        from repux.network import NETWORK_PRESETS
+
+        if args.timing_preset != "none" and args.timing_preset not in NETWORK_PRESETS:
+            raise InputError(
+                f"--timing-preset {args.timing_preset}: expected one of {', '.join(NETWORK_PRESETS)} or none"
+            )
+        changes["timing_preset"] = None if args.timing_preset == "none" else args.timing_preset
+    if args.timing_slices is not None:
+        changes["timing_slices"] = None if args.timing_slices == "all" else args.timing_slices
+    elif device.type == "cuda":
+        changes["timing_slices"] = None  # a GPU runs the reference on the whole CT in minutes
+    changes["agreement_slices"] = None if args.agreement_slices == "all" else args.agreement_slices
+    if args.patch_reps is not None:
+        changes["patch_reps"] = args.patch_reps
+    settings = replace(settings, **changes)
+
+    command = _command(args)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="repux-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = run_benchmark(settings, work, command)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    markdown = render_markdown(results)
+    if args.output:
+        with atomic_path(args.output, overwrite=True) as temporary:
+            Path(temporary).write_text(markdown)
+    if args.json:
+        write_json(results, args.json)
+    print(markdown if not args.output else f"report written to {args.output}")
+    print(summary_line(results))
+    return 0
