@@ -49,7 +49,7 @@ def test_broken_bundles_are_reported_not_listed(catalog):
     bad.mkdir()
     (bad / "model.json").write_text('{"format_version": 1, "name": "bad"')
     (catalog.user_dir / ".half-written.tmp-1234").mkdir()
-    assert catalog.names() == ["tiny"]
+    assert [e.name for e in catalog.models() if e.source == "user"] == ["tiny"]
     assert len(catalog.problems) == 1 and "bad/model.json" in catalog.problems[0] and "malformed JSON" in catalog.problems[0]
 
 

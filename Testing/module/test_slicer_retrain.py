@@ -38,7 +38,7 @@ def test_curated_cases_retrain_into_a_new_version_that_segments(scene, catalog, 
     version = catalog.user_dir / "tiny-v2"
     assert not version.exists(), "a cancelled run must not leave a bundle"
     assert (catalog.user_dir / "tiny-v2.work").is_dir(), "the checkpoint to resume from"
-    assert catalog.names() == ["tiny"] and catalog.problems == []
+    assert [e.name for e in catalog.models() if e.source == "user"] == ["tiny"] and catalog.problems == []
     trained = max(r.get("iteration", 0) for r in records)
 
     # Resume: the same version continues where it stopped, then is registered.
