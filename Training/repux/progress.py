@@ -14,6 +14,8 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TextIO
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
@@ -79,6 +81,18 @@ class Progress:
         self._close_bar()
         if self.mode == "jsonl":
             self._emit({"stage": stage, **fields})
+
+    @contextmanager
+    def reporting_outcome(self) -> Iterator["Progress"]:
+        """Report a job that ends early: ``cancelled`` on Ctrl-C/SIGTERM, ``error`` with its message."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.finish("cancelled")
+            raise
+        except Exception as error:
+            self.finish("error", message=str(error))
+            raise
 
     def _close_bar(self) -> None:
         if self._bar is not None:

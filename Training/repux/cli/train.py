@@ -102,14 +102,8 @@ def run(args: argparse.Namespace) -> int:
     from repux.progress import Progress
 
     progress = Progress(args.progress)
-    try:
+    with progress.reporting_outcome():
         return _run(args, progress)
-    except KeyboardInterrupt:
-        progress.finish("cancelled")
-        raise
-    except Exception as error:
-        progress.finish("error", message=str(error))
-        raise
 
 
 def _run(args: argparse.Namespace, progress) -> int:
