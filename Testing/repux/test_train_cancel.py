@@ -8,44 +8,18 @@ Real subprocesses of ``repux train`` on tiny phantoms (sizes as in test_train.py
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from repux.data.phantoms import write_phantom_dataset
-
-TINY_NETWORK = {"arch": "repuxnet", "feat_size": [4, 8, 16, 32], "hidden_size": 32, "ks": 9}
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+from train_support import ENV, checkpoint_iteration, records, tiny_training_setup, train_args
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("resume")
-    data = write_phantom_dataset(4, root / "phantoms", seed=8, shape=(40, 40, 28))
-    network = root / "tiny.json"
-    network.write_text(json.dumps(TINY_NETWORK))
-    return data, network
-
-
-def train_args(data: Path, network: Path, out: Path, iterations: int, every: int) -> list[str]:
-    return [
-        sys.executable, "-m", "repux", "train", str(data), "-o", str(out), "--network", str(network),
-        "--iterations", str(iterations), "--checkpoint-every", str(every), "--val-every", "4",
-        "--patch-size", "32", "--spacing", "8", "--seed", "11", "--progress", "jsonl",
-    ]  # fmt: skip
-
-
-def checkpoint_iteration(workdir: Path) -> int:
-    return int(torch.load(workdir / "checkpoint.pt", weights_only=True)["iteration"])
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return tiny_training_setup(tmp_path_factory.mktemp("resume"))
 
 
 def test_sigterm_saves_a_checkpoint_that_later_runs_respect(setup, tmp_path):
