@@ -53,3 +53,34 @@ def test_sigterm_saves_a_checkpoint_that_later_runs_respect(setup, tmp_path):
     changed = subprocess.run([*args, "--resume", "--lr", "2e-4"], capture_output=True, text=True, env=ENV)
     assert changed.returncode == 2 and "lr: checkpoint 0.0001, now 0.0002" in changed.stderr
     assert checkpoint_iteration(workdir) == saved
+
+
+def test_a_validation_cut_short_runs_again_on_resume(setup, tmp_path, monkeypatch):
+    from repux.train import TrainConfig, train, trainer
+
+    data, network = setup
+
+    def config(resume: bool) -> TrainConfig:
+        return TrainConfig(
+            data_dir=data, output=tmp_path / "model", network=str(network), iterations=4, val_every=2,
+            checkpoint_every=100, patch_size=32, spacing=8, seed=11, resume=resume,
+        )  # fmt: skip
+
+    real_validate = trainer.validate
+    calls = []
+
+    def cancelled_on_second_call(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 2:  # the validation after the last iteration
+            raise KeyboardInterrupt
+        return real_validate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "validate", cancelled_on_second_call)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(resume=False))
+    assert checkpoint_iteration(tmp_path / "model.work") == 4 and not (tmp_path / "model").exists()
+
+    monkeypatch.setattr(trainer, "validate", real_validate)
+    result = train(config(resume=True))
+    assert [record["iteration"] for record in result.history] == [2, 4]
+    assert result.iterations == 4 and (tmp_path / "model" / "model.json").exists()

@@ -56,14 +56,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (default 0.01)")
     parser.add_argument("--alpha", type=float, metavar="A", help="the prior's alpha, m = A/(d+A) (default: the network's, 1)")
     parser.add_argument(
-        "--patch-size", type=int, nargs="+", metavar="N", help="patch side(s), multiples of 16 (default: the bundle's; 96 paper, 64 small)"
+        "--patch-size", type=int, nargs="+", metavar="N", help="patch side(s), multiples of 16, at least 32 (default: the bundle's; 96 paper, 48 small)"
     )
     parser.add_argument(
         "--spacing",
         type=float,
         nargs="+",
         metavar="MM",
-        help="voxel spacing x y z in mm (default: the bundle's; 1.0 1.0 1.2 paper, 2.0 2.0 2.5 small)",
+        help="voxel spacing x y z in mm (default: the bundle's; 1.0 1.0 1.2 paper, 4 4 4 small)",
     )
     parser.add_argument("--batch-size", type=int, default=1, metavar="N", help="volumes per step (default 1)")
     parser.add_argument(

@@ -264,6 +264,7 @@ class _Run:
         self.best_validation: dict[str, Any] | None = None
         self.history: list[dict[str, Any]] = []
         self.saved_iteration = 0
+        self.last_loss = math.nan
         Path(config.workdir).mkdir(parents=True, exist_ok=True)  # every rank writes into it
         state = load_checkpoint(config.workdir) if config.resume else None
         if state is None:
@@ -291,13 +292,23 @@ class _Run:
         self.best_iteration = int(state["best_iteration"])
         self.best_validation = json.loads(state["best_validation"]) if state["best_validation"] else None
         self.history = json.loads(state["history"])
+        self.last_loss = float(state["last_loss"])
         self.progress.message(f"resuming from {config.workdir} at iteration {self.iteration}")
 
     # -- the loop --------------------------------------------------------------------
+    def _validation_due(self) -> bool:
+        due = self.iteration % self.config.val_every == 0 or self.iteration == self.config.iterations
+        return bool(self.val_cases) and self.iteration > 0 and due
+
     def _loop(self) -> None:
         config = self.config
         total = config.iterations
         self.progress.stage("train", total)
+        validated = self.history[-1]["iteration"] if self.history else 0
+        if self._validation_due() and validated != self.iteration:
+            # Resumed from a checkpoint written while this validation was running (a cancel).
+            average_buffers(self.context, self.network)
+            self._validate(self.last_loss)
         if self.iteration >= total:
             return
         started, started_at = time.monotonic(), self.iteration
@@ -309,9 +320,9 @@ class _Run:
                     images, labels = upcoming.result()
                     if self.iteration + 1 < total:
                         upcoming = pool.submit(self.sampler.batch, self.iteration + 1)
-                    loss = self._step(images, labels)
+                    self.last_loss = loss = self._step(images, labels)
                     self.iteration += 1
-                    validating = bool(self.val_cases) and (self.iteration % config.val_every == 0 or self.iteration == total)
+                    validating = self._validation_due()
                     saving = self.iteration % config.checkpoint_interval == 0 or self.iteration == total
                     if validating or saving:
                         average_buffers(self.context, self.network)
@@ -395,6 +406,7 @@ class _Run:
                     "model": self.network.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                     "iteration": self.iteration,
+                    "last_loss": self.last_loss,
                     "best_mean": self.best_mean,
                     "best_iteration": self.best_iteration,
                     "best_validation": json.dumps(self.best_validation) if self.best_validation else "",
