@@ -13,7 +13,9 @@ from torch import nn
 from repux.bundle import load_bundle
 from repux.errors import InputError
 from repux.imageio import Volume, read_volume, write_volume
+from repux.accel import OptimizedNetwork
 from repux.infer import ExecutionPlan, Segmenter, SlidingWindowConfig, check_image, resolve_device
+from repux.infer.predict import CPU_ACTIVATION_BUDGET, FEATURE_MAPS_PER_WINDOW, windows_fitting_memory
 from repux.infer.preprocess import PreprocessingConfig, padded_shape
 from repux.progress import Progress
 from infer_support import (
@@ -268,6 +270,32 @@ def test_out_of_memory_with_nothing_left_to_try_is_an_error(bundle_2mm):
     hopeless = OutOfMemoryOnce(IntensityClassifier(), when=lambda calls, batch: True)
     with pytest.raises(torch.OutOfMemoryError, match="even with 1 window"):
         Segmenter(bundle_2mm, device="cpu", network=hopeless).segment(_many_window_volume())
+
+
+def test_segmenter_runs_the_optimized_network_unless_told_not_to(bundle_4mm, odd_image_and_labels):
+    image, _ = odd_image_and_labels
+    optimized = Segmenter(bundle_4mm, device="cpu")
+    plain = Segmenter(bundle_4mm, device="cpu", optimize=False)
+    assert isinstance(optimized.predictor.network, OptimizedNetwork)
+    assert not isinstance(plain.predictor.network, OptimizedNetwork)
+    fast = optimized.predict(image, probabilities=True)
+    slow = plain.predict(image, probabilities=True)
+    assert np.abs(fast.probabilities - slow.probabilities).max() < 1e-4
+    np.testing.assert_array_equal(fast.labels.array, slow.labels.array)
+
+
+def test_windows_per_pass_fit_the_cpu_memory_budget(bundle_4mm):
+    # The paper's width (48) at 96^3: one window per pass; 8 channels: the 4 asked for.
+    assert windows_fitting_memory(48, (96, 96, 96), 4) == 1
+    assert windows_fitting_memory(8, (96, 96, 96), 4) == 4
+    assert windows_fitting_memory(512, (160, 160, 160), 4) == 1
+    per_window = FEATURE_MAPS_PER_WINDOW * 16 * 96**3 * 4
+    assert windows_fitting_memory(16, (96, 96, 96), 8) == int(CPU_ACTIVATION_BUDGET // per_window)
+    # A tiny bundle keeps its own windows per pass; an explicit number wins; 0 is refused.
+    assert Segmenter(bundle_4mm, device="cpu").window.sw_batch_size == bundle_4mm.metadata.inference["sw_batch_size"]
+    assert Segmenter(bundle_4mm, device="cpu", windows_per_pass=3).window.sw_batch_size == 3
+    with pytest.raises(InputError, match="windows per pass 0"):
+        Segmenter(bundle_4mm, device="cpu", windows_per_pass=0)
 
 
 def test_out_of_memory_fallback_order_on_a_gpu():

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["label_dice", "max_probability_difference"]
+__all__ = ["AGREEMENT_BAR", "label_dice", "max_probability_difference"]
+
+#: Lowest per-label Dice with the reference's labels for a path to count as the same result.
+AGREEMENT_BAR = 0.995
 
 #: Voxels compared per step when reading probability files (bounds memory).
 CHUNK_VOXELS = 1 << 22

@@ -1,43 +1,35 @@
-"""The two ways of segmenting a CT that the benchmark compares.
+"""The ways of segmenting a CT that the benchmark compares.
 
-:data:`REFERENCE` is the published code's way: the plain float32 network, MONAI sliding
-windows over the whole resampled volume (no crop), 4 windows per pass, overlap 0.5,
-constant blending. :data:`OPTIMIZED` is the project's: the network rewritten by
-:func:`repux.accel.optimize_for_inference` (same function), the model grid cropped to the
-body, overlap 0.25 (the published validation setting), one window per pass (a quarter of
-the activation memory at the same speed), and large memory pages for big tensors.
+:data:`REFERENCE` is the published code's way: the plain float32 network; the model grid
+cropped to the foreground as the published transforms do (MONAI's CropForeground on the
+windowed image: the box of voxels above the intensity window's lower bound, no margin);
+MONAI sliding windows, 4 per pass, overlap 0.5, constant blending. The others run the
+network rewritten by
+:func:`repux.accel.optimize_for_inference` (the same function), as many windows per pass as
+fit in memory, and large memory pages for big tensors:
+
+- :data:`OPTIMIZED`: the reference's windows exactly (the same crop, overlap 0.5), so only
+  float rounding separates its result from the reference's;
+- :data:`DEFAULT`: what ``repux segment`` does: the model grid cropped to the body (voxels
+  above -500 HU and a 10 mm margin), the bundle's overlap;
+- :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from repux.accel import InferenceOptions, optimize_for_inference
 from repux.bundle import Bundle
 from repux.infer import Segmenter
 
-__all__ = ["FEWER_WINDOWS", "OPTIMIZED", "REFERENCE", "SegmentationPath", "build_segmenter", "windows_per_pass"]
+__all__ = ["DEFAULT", "FEWER_WINDOWS", "OPTIMIZED", "REFERENCE", "SegmentationPath", "build_segmenter"]
 
 #: Environment that makes PyTorch back tensors of 2 MB and more by transparent huge pages:
 #: 512 times fewer page faults when the CPU allocator hands out fresh activations (read
 #: once, at the first allocation of the process, so it belongs to the worker's environment).
 LARGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-#: Memory the activations of one forward pass may take (bytes).
-ACTIVATION_BUDGET = 1.5 * 2**30
-#: Peak activation memory of one window in full-resolution feature maps of the first stage's
-#: width (float32): measured 1.23 GB per 96^3 window at width 48 on a CPU.
-FEATURE_MAPS_PER_WINDOW = 7.2
-
-
-def windows_per_pass(first_width: int, patch_size: tuple[int, ...], requested: int) -> int:
-    """``requested`` windows per pass, fewer (at least 1) when their activations exceed the budget."""
-    per_window = FEATURE_MAPS_PER_WINDOW * first_width * math.prod(patch_size) * 4
-    return max(1, min(requested, int(ACTIVATION_BUDGET // per_window)))
-
 
 @dataclass(frozen=True)
 class SegmentationPath:
@@ -46,18 +38,19 @@ class SegmentationPath:
     Attributes:
         name: names the path in reports.
         optimized: run :func:`~repux.accel.optimize_for_inference`'s rewrite of the network.
-        crop_to_body: crop the model grid to the body's box (else the whole grid is windowed).
-        overlap: sliding-window overlap.
-        sw_batch_size: windows per forward pass; None: the bundle's, fewer when they would not
-            fit :data:`ACTIVATION_BUDGET` (:func:`windows_per_pass`).
+        crop: "published" (the foreground box of the windowed image, no margin) or "body"
+            (the engine's body box with its margin).
+        overlap: sliding-window overlap; None: the bundle's.
+        sw_batch_size: windows per forward pass; None: the segmenter's choice (the bundle's,
+            fewer on a CPU when they would not fit in memory).
         blend: "constant" or "gaussian".
         large_pages: run the worker with :data:`LARGE_PAGES_ENV`.
     """
 
     name: str
     optimized: bool
-    crop_to_body: bool
-    overlap: float
+    crop: str
+    overlap: float | None
     sw_batch_size: int | None
     blend: str = "constant"
     large_pages: bool = False
@@ -71,20 +64,24 @@ class SegmentationPath:
 
     def describe(self) -> str:
         network = "optimize_for_inference" if self.optimized else "plain float32 network"
-        crop = "crop to body" if self.crop_to_body else "no crop"
+        crop = "body crop with margin" if self.crop == "body" else "published foreground crop"
         pages = ", large pages" if self.large_pages else ""
         per_pass = "windows per pass to fit memory" if self.sw_batch_size is None else f"{self.sw_batch_size} windows per pass"
-        return f"{network}, {crop}, overlap {self.overlap}, {per_pass}, {self.blend} blending{pages}"
+        overlap = "the bundle's overlap" if self.overlap is None else f"overlap {self.overlap}"
+        return f"{network}, {crop}, {overlap}, {per_pass}, {self.blend} blending{pages}"
 
 
-REFERENCE = SegmentationPath("reference", optimized=False, crop_to_body=False, overlap=0.5, sw_batch_size=4)
+REFERENCE = SegmentationPath("reference", optimized=False, crop="published", overlap=0.5, sw_batch_size=4)
 OPTIMIZED = SegmentationPath(
-    "optimized", optimized=True, crop_to_body=False, overlap=0.5, sw_batch_size=None, large_pages=True
+    "optimized, same windows", optimized=True, crop="published", overlap=0.5, sw_batch_size=None, large_pages=True
+)
+DEFAULT = SegmentationPath(
+    "repux segment", optimized=True, crop="body", overlap=None, sw_batch_size=None, large_pages=True
 )
 FEWER_WINDOWS = SegmentationPath(
     "optimized, body crop, overlap 0.25",
     optimized=True,
-    crop_to_body=True,
+    crop="body",
     overlap=0.25,
     sw_batch_size=None,
     large_pages=True,
@@ -93,16 +90,14 @@ FEWER_WINDOWS = SegmentationPath(
 
 def build_segmenter(bundle: Bundle, path: SegmentationPath, device: torch.device | str = "cpu") -> Segmenter:
     """A :class:`~repux.infer.Segmenter` of ``bundle`` that runs the way ``path`` says."""
-    network = bundle.build_network(device="cpu")
-    if path.optimized:
-        network = optimize_for_inference(network, device, InferenceOptions())
-    segmenter = Segmenter(bundle, device=device, overlap=path.overlap, network=network)
-    per_pass = path.sw_batch_size
-    if per_pass is None:
-        first_width = int(bundle.metadata.network["feat_size"][0])
-        per_pass = windows_per_pass(first_width, segmenter.window.patch_size, segmenter.window.sw_batch_size)
-    segmenter.window = replace(segmenter.window, sw_batch_size=per_pass, blend=path.blend)
-    if not path.crop_to_body:
-        # Every voxel counts as body: the crop box is the whole model grid.
-        segmenter.preprocessing = replace(segmenter.preprocessing, body_threshold=-math.inf)
+    segmenter = Segmenter(
+        bundle, device=device, overlap=path.overlap, optimize=path.optimized, windows_per_pass=path.sw_batch_size
+    )
+    segmenter.window = replace(segmenter.window, blend=path.blend)
+    if path.crop == "published":
+        # CropForeground's default selects voxels above 0 of the windowed image: above a_min.
+        preprocessing = segmenter.preprocessing
+        segmenter.preprocessing = replace(preprocessing, body_threshold=preprocessing.a_min, body_margin_mm=0.0)
+    elif path.crop != "body":
+        raise ValueError(f"crop {path.crop!r}: expected 'published' or 'body'")
     return segmenter

@@ -45,7 +45,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overlap", type=float, default=None, metavar="F", help="sliding-window overlap 0..<1 (default: the bundle's)"
     )
-    parser.add_argument("--fast", action="store_true", help="bf16 autocast on CUDA (faster; labels may vary a little)")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="bfloat16 where native (CUDA GPUs, CPUs with AMX): faster, labels may vary a little",
+    )
+    parser.add_argument(
+        "--plain-network",
+        action="store_true",
+        help="run the bundle's network as it is, without the exact speed rewrites of repux.accel",
+    )
     parser.add_argument(
         "--probabilities",
         metavar="PATH",
@@ -190,7 +199,14 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
 
     bundle = load_bundle(args.model)
     check_modality(bundle, args.modality)
-    segmenter = Segmenter(bundle, device=args.device, overlap=args.overlap, fast=args.fast, progress=progress)
+    segmenter = Segmenter(
+        bundle,
+        device=args.device,
+        overlap=args.overlap,
+        fast=args.fast,
+        progress=progress,
+        optimize=not args.plain_network,
+    )
 
     rows, written, skipped, failed = [], [], [], []
     for index, case in enumerate(cases, start=1):

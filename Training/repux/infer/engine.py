@@ -9,12 +9,13 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
+from repux.accel import InferenceOptions, native_bfloat16, optimize_for_inference
 from repux.bundle import Bundle
 from repux.errors import InputError
 from repux.imageio import Volume
@@ -25,6 +26,7 @@ from repux.infer.predict import (
     WindowPredictor,
     plan_execution,
     predict_probabilities,
+    windows_fitting_memory,
 )
 from repux.infer.preprocess import PreprocessingConfig, check_image, preprocess
 from repux.progress import Progress
@@ -96,10 +98,15 @@ class Segmenter:
         bundle: the model bundle (weights, spacing, intensity window, patch, labels).
         device: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
         overlap: sliding-window overlap 0 <= overlap < 1; None keeps the bundle's.
-        fast: bf16 autocast on CUDA (ignored on the CPU).
+        fast: bfloat16 where the device computes it natively (CUDA, CPUs with AMX or
+            AVX-512 BF16); float32 elsewhere, with a note.
         progress: where stages and window counts are reported; None reports nothing.
         network: a module to run instead of the bundle's own (same inputs and outputs),
             e.g. a re-parameterised copy; the bundle still provides everything else.
+        optimize: run the bundle's network as rewritten by
+            :func:`~repux.accel.optimize_for_inference` (the same function, faster).
+        windows_per_pass: windows per forward pass; None: the bundle's, fewer on a CPU when
+            their activations would not fit (:func:`~repux.infer.predict.windows_fitting_memory`).
     """
 
     def __init__(
@@ -110,6 +117,8 @@ class Segmenter:
         fast: bool = False,
         progress: Progress | None = None,
         network: nn.Module | None = None,
+        optimize: bool = True,
+        windows_per_pass: int | None = None,
     ) -> None:
         if overlap is not None and not 0.0 <= overlap < 1.0:
             raise InputError(f"--overlap {overlap}: expected a number 0 <= overlap < 1")
@@ -118,9 +127,22 @@ class Segmenter:
         metadata = bundle.metadata
         self.preprocessing = PreprocessingConfig.from_metadata(metadata.preprocessing)
         self.window = SlidingWindowConfig.from_metadata(metadata.preprocessing, metadata.inference, overlap)
+        if windows_per_pass is None and self.device.type == "cpu":
+            windows_per_pass = windows_fitting_memory(
+                int(metadata.network["feat_size"][0]), self.window.patch_size, self.window.sw_batch_size
+            )
+        if windows_per_pass is not None:
+            if windows_per_pass < 1:
+                raise InputError(f"windows per pass {windows_per_pass}: expected a positive number")
+            self.window = replace(self.window, sw_batch_size=windows_per_pass)
         self.progress = progress if progress is not None else Progress("none")
         self.out_chans = int(metadata.network["out_chans"])
-        model = network if network is not None else bundle.build_network(device="cpu")
+        model = network
+        if model is None:
+            model = bundle.build_network(device="cpu")
+            if optimize:
+                precision = "bfloat16" if fast else "float32"
+                model = optimize_for_inference(model, self.device, InferenceOptions(precision=precision))
         self.predictor = WindowPredictor(model, self.device, fast)
         self.fast = fast
 
@@ -142,8 +164,8 @@ class Segmenter:
                 f"{source}: no negative voxel values (minimum {volume.array.min()}); a CT in HU has air at "
                 "about -1000: check that the image is a CT with its rescale applied"
             )
-        if self.fast and self.device.type != "cuda":
-            notes.append("--fast (bf16) applies on CUDA only; running in float32 on the CPU")
+        if self.fast and not native_bfloat16(self.device):
+            notes.append(f"--fast (bf16) is not native on {self.device} here; running in float32")
         seconds: dict[str, float] = {}
 
         start = time.perf_counter()
