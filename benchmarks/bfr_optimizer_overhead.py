@@ -23,6 +23,7 @@ import torch
 from repux.atomic import write_json
 from repux.bfr import BFRAdamW, bfr_param_groups
 from repux.network import NETWORK_PRESETS, build_network, large_kernel_convs
+from repux.train.fft_conv import use_fft_kernels
 
 
 def _synchronize(device: torch.device) -> None:
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per optimizer")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
     parser.add_argument("--patch", type=int, default=0, help="also time a forward+backward at this patch side (0: no)")
+    parser.add_argument("--iterations", type=int, default=3, help="timed forward+backward passes (median)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -92,11 +94,14 @@ def main() -> None:
     if args.patch:
         batch = torch.randn(2, 1, args.patch, args.patch, args.patch, device=device)
 
+        if device.type == "cpu":
+            use_fft_kernels(model)  # as the trainer does on a CPU: same parameters, same optimizers
+
         def forward_backward() -> None:
             model(batch).float().mean().backward()
 
         forward_backward()  # warm-up (kernel selection, allocator)
-        iteration = statistics.median(_timed(device, forward_backward) for _ in range(3))
+        iteration = statistics.median(_timed(device, forward_backward) for _ in range(args.iterations))
         results["forward_backward_seconds_median"] = iteration
         results["bfr_overhead_per_iteration"] = (medians["bfr_adamw"] - medians["torch_adamw"]) / (
             iteration + medians["torch_adamw"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -205,3 +206,15 @@ def test_bench_cli_refuses_bad_arguments_before_any_work(tmp_path, capsys) -> No
     with pytest.raises(SystemExit):
         main(["bench", "--agreement-region", "0:9"])
     assert "I0:I1,J0:J1,K0:K1" in capsys.readouterr().err
+
+
+def test_repux_asks_for_large_pages_unless_told_otherwise(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert main(["bench", "--patch-reps", "-1"]) == 2
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert main(["bench", "--patch-reps", "-1"]) == 2
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+    # Workers state their pages explicitly: the reference's cannot inherit repux's choice.
+    assert REFERENCE.environment() == {"THP_MEM_ALLOC_ENABLE": "0"}
+    assert OPTIMIZED.environment() == DEFAULT.environment() == {"THP_MEM_ALLOC_ENABLE": "1"}

@@ -8,7 +8,6 @@ or the inference path broke, not bad luck.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -299,7 +299,7 @@ def test_windows_per_pass_fit_the_cpu_memory_budget(bundle_4mm):
 
 
 def test_out_of_memory_fallback_order_on_a_gpu():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     plan = ExecutionPlan(cuda, cuda, 4)
     steps = []
     while plan is not None:

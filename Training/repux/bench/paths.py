@@ -12,7 +12,9 @@ fit in memory, and large memory pages for big tensors:
   float rounding separates its result from the reference's;
 - :data:`DEFAULT`: what ``repux segment`` does: the model grid cropped to the body (voxels
   above -500 HU and a 10 mm margin), the bundle's overlap;
-- :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting).
+- :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting);
+- :data:`BFLOAT16`: the reference's windows in bfloat16 (``repux segment --fast``), measured
+  only where the device computes bfloat16 natively.
 """
 
 from __future__ import annotations
@@ -23,13 +25,10 @@ import torch
 
 from repux.bundle import Bundle
 from repux.infer import Segmenter
+from repux.large_pages import LARGE_PAGES_ENV, SMALL_PAGES_ENV
 
-__all__ = ["DEFAULT", "FEWER_WINDOWS", "OPTIMIZED", "REFERENCE", "SegmentationPath", "build_segmenter"]
+__all__ = ["BFLOAT16", "DEFAULT", "FEWER_WINDOWS", "OPTIMIZED", "REFERENCE", "SegmentationPath", "build_segmenter"]
 
-#: Environment that makes PyTorch back tensors of 2 MB and more by transparent huge pages:
-#: 512 times fewer page faults when the CPU allocator hands out fresh activations (read
-#: once, at the first allocation of the process, so it belongs to the worker's environment).
-LARGE_PAGES_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 @dataclass(frozen=True)
 class SegmentationPath:
@@ -44,7 +43,8 @@ class SegmentationPath:
         sw_batch_size: windows per forward pass; None: the segmenter's choice (the bundle's,
             fewer on a CPU when they would not fit in memory).
         blend: "constant" or "gaussian".
-        large_pages: run the worker with :data:`LARGE_PAGES_ENV`.
+        large_pages: run the worker with transparent huge pages (:mod:`repux.large_pages`).
+        fast: bfloat16 where native (``Segmenter(fast=True)``).
     """
 
     name: str
@@ -54,6 +54,7 @@ class SegmentationPath:
     sw_batch_size: int | None
     blend: str = "constant"
     large_pages: bool = False
+    fast: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -62,10 +63,14 @@ class SegmentationPath:
     def from_json(cls, data: dict) -> "SegmentationPath":
         return cls(**data)
 
+    def environment(self) -> dict[str, str]:
+        """Environment variables of this path's worker process."""
+        return LARGE_PAGES_ENV if self.large_pages else SMALL_PAGES_ENV
+
     def describe(self) -> str:
         network = "optimize_for_inference" if self.optimized else "plain float32 network"
         crop = "body crop with margin" if self.crop == "body" else "published foreground crop"
-        pages = ", large pages" if self.large_pages else ""
+        pages = (", large pages" if self.large_pages else "") + (", bfloat16" if self.fast else "")
         per_pass = "windows per pass to fit memory" if self.sw_batch_size is None else f"{self.sw_batch_size} windows per pass"
         overlap = "the bundle's overlap" if self.overlap is None else f"overlap {self.overlap}"
         return f"{network}, {crop}, {overlap}, {per_pass}, {self.blend} blending{pages}"
@@ -88,10 +93,18 @@ FEWER_WINDOWS = SegmentationPath(
 )
 
 
+BFLOAT16 = replace(OPTIMIZED, name="optimized, same windows, bfloat16", fast=True)
+
+
 def build_segmenter(bundle: Bundle, path: SegmentationPath, device: torch.device | str = "cpu") -> Segmenter:
     """A :class:`~repux.infer.Segmenter` of ``bundle`` that runs the way ``path`` says."""
     segmenter = Segmenter(
-        bundle, device=device, overlap=path.overlap, optimize=path.optimized, windows_per_pass=path.sw_batch_size
+        bundle,
+        device=device,
+        overlap=path.overlap,
+        fast=path.fast,
+        optimize=path.optimized,
+        windows_per_pass=path.sw_batch_size,
     )
     segmenter.window = replace(segmenter.window, blend=path.blend)
     if path.crop == "published":

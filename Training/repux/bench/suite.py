@@ -14,6 +14,9 @@ Steps (each measured path runs in its own process, see :mod:`.worker`):
 3. agreement with trained weights (bundles given by name or path): every path on the CT,
    per-label Dice between its label map and the reference's, largest probability difference.
 
+Where the device computes bfloat16 natively (a CUDA GPU, a CPU with AMX) the bfloat16 path
+(:data:`~.paths.BFLOAT16`) is timed and compared too.
+
 The headline (:func:`summarize`) is the fastest timed path whose labels agree with the
 reference's at :data:`AGREEMENT_BAR` on every trained bundle.
 
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from repux.bench.agreement import AGREEMENT_BAR, label_dice, max_probability_difference
-from repux.bench.paths import DEFAULT, FEWER_WINDOWS, LARGE_PAGES_ENV, OPTIMIZED, REFERENCE, SegmentationPath
+from repux.bench.paths import BFLOAT16, DEFAULT, FEWER_WINDOWS, OPTIMIZED, REFERENCE, SegmentationPath
 
 #: Voxel index ranges (i, j, k) of a CT: ((i0, i1), (j0, j1), (k0, k1)).
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -205,7 +208,7 @@ def _segment(
         "probabilities_out": str(out / f"{stem}-probabilities.npy") if out else None,
     }
     _log(f"{path.name}: {image.name} with {bundle}")
-    result = run_task(task, env=LARGE_PAGES_ENV if path.large_pages else None)
+    result = run_task(task, env=path.environment())
     result["end_to_end_s"] = result["load_s"] + result["segment_s"]
     _log(
         f"  {result['windows']} windows, {result['end_to_end_s']:.1f} s, "
@@ -291,12 +294,17 @@ def _agreement(settings: BenchmarkSettings, image: Path, work: Path) -> list[dic
 
 def run_benchmark(settings: BenchmarkSettings, work: Path, command: str = "") -> dict[str, Any]:
     """Run every step of the benchmark in ``work`` (a scratch folder); the results as a dict."""
+    from repux.accel import native_bfloat16
     from repux.data.phantoms import make_phantom
     from repux.imageio import write_volume
     from repux.infer import resolve_device
 
     device = str(resolve_device(settings.device))
     settings = replace(settings, device=device)
+    if native_bfloat16(device):  # measured only where it is a speed-up
+        settings = replace(
+            settings, paths=settings.paths + (BFLOAT16,), timing_paths=settings.timing_paths + (BFLOAT16,)
+        )
     started = time.perf_counter()
     results: dict[str, Any] = {
         "command": command,

@@ -12,6 +12,7 @@ import sys
 
 from repux import __version__
 from repux.errors import InputError
+from repux.large_pages import enable_large_pages
 
 #: subcommand name -> module in this package, in the order ``repux --help`` lists them.
 SUBCOMMANDS = {
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_large_pages()  # before torch's first allocation
     args = build_parser().parse_args(argv)
     from repux.progress import cancel_on_sigterm
 

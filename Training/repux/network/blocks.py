@@ -6,7 +6,6 @@ Every tensor below is channels-first, shape (B, C, D, H, W).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ChannelsFirstLayerNorm", "RepUXBlock", "UXBlock", "large_kernel_convs"]
