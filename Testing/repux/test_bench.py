@@ -96,6 +96,8 @@ def test_paths_configure_the_segmenter(tiny_bundle) -> None:
     assert SegmentationPath.from_json(OPTIMIZED.to_json()) == OPTIMIZED
     assert "body crop" in FEWER_WINDOWS.describe() and "published foreground crop" in OPTIMIZED.describe()
     assert "the bundle's overlap" in DEFAULT.describe()
+    with pytest.raises(ValueError, match="crop 'none'"):
+        SegmentationPath("x", optimized=True, crop="none", overlap=0.5, sw_batch_size=1)
 
 
 def test_optimized_path_gives_the_reference_labels(tiny_bundle, small_ct) -> None:

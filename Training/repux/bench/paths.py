@@ -56,6 +56,10 @@ class SegmentationPath:
     large_pages: bool = False
     fast: bool = False
 
+    def __post_init__(self) -> None:
+        if self.crop not in ("published", "body"):
+            raise ValueError(f"crop {self.crop!r}: expected 'published' or 'body'")
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -91,8 +95,6 @@ FEWER_WINDOWS = SegmentationPath(
     sw_batch_size=None,
     large_pages=True,
 )
-
-
 BFLOAT16 = replace(OPTIMIZED, name="optimized, same windows, bfloat16", fast=True)
 
 
@@ -111,6 +113,4 @@ def build_segmenter(bundle: Bundle, path: SegmentationPath, device: torch.device
         # CropForeground's default selects voxels above 0 of the windowed image: above a_min.
         preprocessing = segmenter.preprocessing
         segmenter.preprocessing = replace(preprocessing, body_threshold=preprocessing.a_min, body_margin_mm=0.0)
-    elif path.crop != "body":
-        raise ValueError(f"crop {path.crop!r}: expected 'published' or 'body'")
     return segmenter
