@@ -15,7 +15,12 @@ from repux.errors import InputError
 from repux.imageio import Volume, read_volume, write_volume
 from repux.accel import OptimizedNetwork
 from repux.infer import ExecutionPlan, Segmenter, SlidingWindowConfig, check_image, resolve_device
-from repux.infer.predict import CPU_ACTIVATION_BUDGET, FEATURE_MAPS_PER_WINDOW, windows_fitting_memory
+from repux.infer.predict import (
+    CPU_ACTIVATION_BUDGET,
+    FEATURE_MAPS_PER_WINDOW,
+    softmax_in_place,
+    windows_fitting_memory,
+)
 from repux.infer.preprocess import PreprocessingConfig, padded_shape
 from repux.progress import Progress
 from infer_support import (
@@ -282,6 +287,19 @@ def test_segmenter_runs_the_optimized_network_unless_told_not_to(bundle_4mm, odd
     slow = plain.predict(image, probabilities=True)
     assert np.abs(fast.probabilities - slow.probabilities).max() < 1e-4
     np.testing.assert_array_equal(fast.labels.array, slow.labels.array)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_softmax_in_place_equals_softmax_and_allocates_no_second_volume(monkeypatch, inference):
+    monkeypatch.setattr("repux.infer.predict.SOFTMAX_SLAB_VOXELS", 7 * 5)  # 3 voxels of X per slab, ragged end
+    torch.manual_seed(0)
+    source = torch.randn(4, 10, 7, 5) * 20
+    expected = torch.softmax(source, dim=0)
+    with torch.inference_mode(inference):
+        logits = source.clone()
+    result = softmax_in_place(logits)
+    assert result.data_ptr() == logits.data_ptr()
+    torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
 
 
 def test_windows_per_pass_fit_the_cpu_memory_budget(bundle_4mm):

@@ -168,7 +168,8 @@ def predict_probabilities(
 ) -> tuple[torch.Tensor, ExecutionPlan]:
     """Softmax probabilities (C, X, Y, Z) of ``image`` (1, 1, X, Y, Z) and the plan that worked.
 
-    Logits of overlapping windows are blended (constant or Gaussian weights), then softmax.
+    Logits of overlapping windows are blended (constant or Gaussian weights), then softmax
+    (in place: :func:`softmax_in_place`).
     ``progress`` gets a stage "infer" counting windows. An out-of-memory error switches to
     :meth:`ExecutionPlan.after_out_of_memory` and starts again; ``on_retry`` hears why.
     """
@@ -189,7 +190,25 @@ def predict_probabilities(
             )
         if on_retry is not None:
             on_retry(f"out of memory with {failed.describe()}; retrying with {plan.describe()}")
-    return torch.softmax(logits[0], dim=0), plan
+    return softmax_in_place(logits[0]), plan
+
+
+#: Voxels per channel that one step of :func:`softmax_in_place` works on.
+SOFTMAX_SLAB_VOXELS = 1 << 21
+
+
+def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the channels of (C, X, Y, Z) ``logits``, written over them, slab by slab along X.
+
+    The stitched logits of a whole CT are the largest array of inference (C volumes on the
+    model grid); ``torch.softmax`` would allocate a second one. Returns ``logits`` itself.
+    """
+    step = max(1, SOFTMAX_SLAB_VOXELS // max(1, logits[0, 0].numel()))
+    with torch.inference_mode(logits.is_inference()):
+        for start in range(0, logits.shape[1], step):
+            slab = logits[:, start : start + step]
+            slab.copy_(torch.softmax(slab, dim=0))
+    return logits
 
 
 def _run_windows(
