@@ -81,6 +81,19 @@ def test_jsonl_progress_is_one_object_per_line() -> None:
     assert records[4]["output"] == "x.nii.gz"
 
 
+def test_a_resumed_stage_estimates_time_left_from_the_units_done_since(monkeypatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("repux.progress.time.monotonic", lambda: now[0])
+    stream = io.StringIO()
+    progress = Progress("jsonl", stream=stream)
+    progress.stage("train", total=100, done=90)  # resumed at 90 of 100
+    now[0] = 10.0
+    progress.update(91)  # one unit in 10 s: 9 left take 90 s
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert records[0] == {"stage": "train", "done": 90, "total": 100, "eta": None}
+    assert records[1]["eta"] == pytest.approx(90.0)
+
+
 def test_unknown_progress_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="'fancy'.*bar, jsonl, none"):
         Progress("fancy")

@@ -33,6 +33,7 @@ class Progress:
         self._stage = ""
         self._total: int | None = None
         self._started = time.monotonic()
+        self._done_at_start = 0
 
     @property
     def stream(self) -> TextIO:
@@ -42,22 +43,28 @@ class Progress:
         self.stream.write(json.dumps(record, default=_json_default) + "\n")
         self.stream.flush()
 
-    def stage(self, name: str, total: int | None = None) -> None:
-        """Begin a stage; ``total`` is the count that :meth:`update` moves towards."""
+    def stage(self, name: str, total: int | None = None, done: int = 0) -> None:
+        """Begin a stage; ``total`` is the count that :meth:`update` moves towards.
+
+        ``done``: units already finished before this run (a resumed job); the estimated time
+        left comes from the units done since.
+        """
         self._close_bar()
         self._stage, self._total, self._started = name, total, time.monotonic()
+        self._done_at_start = done
         if self.mode == "jsonl":
-            self._emit({"stage": name, "done": 0, "total": total, "eta": None})
+            self._emit({"stage": name, "done": done, "total": total, "eta": None})
         elif self.mode == "bar" and total:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=name, file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(total=total, initial=done, desc=name, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, done: int, **fields: Any) -> None:
         """Report that ``done`` units of the current stage are finished."""
         eta = None
-        if self._total and done > 0:
-            eta = (time.monotonic() - self._started) / done * max(self._total - done, 0)
+        if self._total and done > self._done_at_start:
+            rate = (time.monotonic() - self._started) / (done - self._done_at_start)
+            eta = rate * max(self._total - done, 0)
         if self.mode == "jsonl":
             self._emit({"stage": self._stage, "done": done, "total": self._total, "eta": eta, **fields})
         elif self._bar is not None:

@@ -303,7 +303,7 @@ class _Run:
     def _loop(self) -> None:
         config = self.config
         total = config.iterations
-        self.progress.stage("train", total)
+        self.progress.stage("train", total, done=self.iteration)
         validated = self.history[-1]["iteration"] if self.history else 0
         if self._validation_due() and validated != self.iteration:
             # Resumed from a checkpoint written while this validation was running (a cancel).
