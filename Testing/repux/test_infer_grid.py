@@ -96,3 +96,28 @@ def test_whole_voxel_shift_is_copied_exactly_with_fill_outside():
     out = resample(values, source, target, fill=-7.0)[0]
     np.testing.assert_array_equal(out[:4, 1:], values[0, 2:, :4])
     assert torch.all(out[4:] == -7.0) and torch.all(out[:, 0] == -7.0)
+
+
+@pytest.mark.parametrize(
+    "source_shape, source_spacing, target_shape, target_spacing, target_origin",
+    [
+        ((12, 9, 7), (4.0, 4.0, 4.0), (50, 41, 20), (0.8, 0.9, 1.5), (-4.3, -5.1, -1.7)),  # export: up
+        ((60, 45, 30), (0.8, 0.8, 1.5), (14, 11, 12), (3.0, 3.5, 4.0), (-4.3, -5.1, -1.7)),  # preprocess: down
+        ((1, 9, 7), (2.0, 2.0, 2.0), (3, 20, 9), (1.0, 1.3, 1.6), (2.5, -3.0, 0.0)),  # a one-voxel axis
+    ],
+)
+def test_parallel_axes_are_interpolated_separably_as_grid_sample_does(
+    source_shape, source_spacing, target_shape, target_spacing, target_origin, monkeypatch
+):
+    # Same directions, other spacings and a sub-voxel offset (part of the target outside):
+    # the separable path must give grid_sample's values, fill and border clamping included.
+    source = _grid(source_shape, source_spacing, np.eye(3), (3.0, -2.0, 1.0))
+    target = _grid(target_shape, target_spacing, np.eye(3), target_origin)
+    torch.manual_seed(1)
+    values = torch.rand((2, *source_shape))
+    separable = resample(values, source, target, mode="linear", fill=-1.0)
+    monkeypatch.setattr("repux.infer.grid._parallel_axes", lambda matrix: False)
+    general = resample(values, source, target, mode="linear", fill=-1.0)
+    assert (general == -1.0).sum() > 0 and (general != -1.0).sum() > 0
+    torch.testing.assert_close(separable, general, rtol=0, atol=1e-4)
+    assert torch.equal(separable == -1.0, general == -1.0)

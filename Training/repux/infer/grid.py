@@ -10,7 +10,10 @@ convention). Every geometric step of inference is expressed with grids:
 - :func:`resample_chunks` / :func:`resample`: values of one grid sampled at the voxel
   centres of another, through the full 4x4 affine (oblique directions included), with
   ``torch.nn.functional.grid_sample`` on any device, chunk by chunk to bound memory. When
-  the two grids differ only by a whole-voxel shift the values are copied, not interpolated.
+  the two grids differ only by a whole-voxel shift the values are copied, not interpolated;
+  when their axes are parallel (no obliquity: most CTs, once reoriented) trilinear
+  interpolation runs as three 1-D interpolations, one axis after the other, about ten
+  times faster than ``grid_sample`` and equal to it up to float rounding.
 """
 
 from __future__ import annotations
@@ -212,14 +215,62 @@ def resample_chunks(
     """
     matrix = np.linalg.inv(source.affine) @ target.affine  # target index -> source index
     shift = _integer_shift(matrix)
+    parallel = mode == "linear" and _parallel_axes(matrix)
     plane = max(target.shape[1] * target.shape[2], 1)
     step = max(1, chunk_points // plane)
     for start in range(0, target.shape[0], step):
         rows = slice(start, min(start + step, target.shape[0]))
         if shift is not None:
             yield rows, _copy_shifted(values, shift, rows, target.shape, fill)
+        elif parallel:
+            yield rows, _interpolate_separably(values, matrix, rows, target.shape, fill)
         else:
             yield rows, _sample(values, matrix, rows, target.shape, mode, fill)
+
+
+def _parallel_axes(matrix: np.ndarray) -> bool:
+    """Whether target axis a runs along source axis a (``matrix``: target index -> source index)."""
+    linear = matrix[:3, :3]
+    return bool(np.allclose(linear - np.diag(np.diag(linear)), 0.0, atol=1e-9) and np.all(np.diag(linear) > 0))
+
+
+def _interpolate_separably(
+    values: torch.Tensor, matrix: np.ndarray, rows: slice, shape: tuple[int, int, int], fill: float
+) -> torch.Tensor:
+    """:func:`_sample` in "linear" mode for a diagonal ``matrix``, one axis at a time.
+
+    Along each axis the source position ``p = scale * t + offset`` of every target index
+    ``t`` is clamped to the source (as ``grid_sample``'s border padding does) and the two
+    neighbouring source planes are blended; positions more than half a voxel outside get
+    ``fill``. Only the source planes that ``rows`` reach are read.
+    """
+    device = values.device
+    targets = (torch.arange(rows.start, rows.stop), torch.arange(shape[1]), torch.arange(shape[2]))
+    lowers, uppers, weights, outside = [], [], [], []
+    for axis in range(3):
+        size = values.shape[axis + 1]
+        # Positions in float64, as in _sample: float32 would drift by ~1e-4 voxel in large volumes.
+        position = targets[axis].to(device, torch.float64) * float(matrix[axis, axis]) + float(matrix[axis, 3])
+        outside.append((position < -0.5) | (position > size - 0.5))
+        clamped = position.clamp(0, size - 1)
+        lower = clamped.floor().long().clamp(max=max(size - 2, 0))
+        lowers.append(lower)
+        uppers.append((lower + 1).clamp(max=size - 1))
+        weights.append(clamped - lower)
+    first, last = int(lowers[0].min()), int(uppers[0].max())
+    work = values[:, first : last + 1]
+    work = work if work.dtype == torch.float64 else work.float()
+    lowers[0], uppers[0] = lowers[0] - first, uppers[0] - first
+    # Axes that shrink the volume first, those that grow it last: the work is the size of the
+    # intermediate volumes.
+    for axis in sorted(range(3), key=lambda a: len(targets[a]) / work.shape[a + 1]):
+        view = [1, 1, 1, 1]
+        view[axis + 1] = -1
+        weight = weights[axis].to(work.dtype).view(view)
+        work = torch.lerp(work.index_select(axis + 1, lowers[axis]), work.index_select(axis + 1, uppers[axis]), weight)
+    mask = outside[0][:, None, None] | outside[1][None, :, None] | outside[2][None, None, :]
+    work[:, mask] = fill
+    return work.to(values.dtype)
 
 
 def _sample(
