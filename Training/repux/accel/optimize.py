@@ -112,8 +112,7 @@ class OptimizedNetwork(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        if self.autocast_dtype is None or not native_bfloat16(x.device):
-            # Also after an out-of-memory fallback from a GPU to a CPU without native bf16.
+        if self.autocast_dtype is None:
             logits = self.network(x)
         else:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):

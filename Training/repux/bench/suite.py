@@ -42,13 +42,12 @@ import numpy as np
 
 from repux.bench.agreement import AGREEMENT_BAR, label_dice, max_probability_difference
 from repux.bench.paths import BFLOAT16, DEFAULT, FEWER_WINDOWS, OPTIMIZED, REFERENCE, SegmentationPath
+from repux.bench.worker import run_task
+
+__all__ = ["BenchmarkSettings", "FULL", "QUICK", "Region", "region_text", "run_benchmark", "summary_line"]
 
 #: Voxel index ranges (i, j, k) of a CT: ((i0, i1), (j0, j1), (k0, k1)).
 Region = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
-from repux.bench.worker import run_task
-
-__all__ = ["BenchmarkSettings", "FULL", "QUICK", "run_benchmark", "summary_line"]
-
 
 #: Region of the 512 x 512 x 200 CT timed at the paper's width on a CPU: 72 mm of the
 #: abdomen (one window high), all of the field of view along i and half of it along j, so
@@ -139,7 +138,7 @@ def machine_description(device: str) -> dict[str, Any]:
     return info
 
 
-def _region(volume: Any, region: Region | None) -> Any:
+def _crop_region(volume: Any, region: Region | None) -> Any:
     """The voxels of ``region`` of ``volume``, with their true position in space."""
     from repux.imageio import Volume
 
@@ -319,11 +318,16 @@ def run_benchmark(settings: BenchmarkSettings, work: Path, command: str = "") ->
     _log(f"benchmark CT: phantom seed {settings.seed}, {settings.ct_shape} voxels of {settings.ct_spacing} mm")
     ct, _ = make_phantom(settings.seed, shape=settings.ct_shape, spacing=settings.ct_spacing)
     images = {}
-    for role, region in (("timing", settings.timing_region), ("agreement", settings.agreement_region)):
-        name = "ct.nii.gz" if region is None else f"ct-region-{region_text(region).replace(':', '-').replace(',', '_')}.nii.gz"
-        images[role] = work / name
+    for role, region, needed in (
+        ("timing", settings.timing_region, settings.timing_preset is not None),
+        ("agreement", settings.agreement_region, bool(settings.models)),
+    ):
+        if not needed:
+            continue
+        name = "ct" if region is None else "ct-region-" + region_text(region).replace(":", "-").replace(",", "_")
+        images[role] = work / f"{name}.nii.gz"
         if not images[role].exists():
-            write_volume(_region(ct, region), images[role], overwrite=True)
+            write_volume(_crop_region(ct, region), images[role], overwrite=True)
     del ct
     if settings.timing_preset is not None:
         results["timing"] = _timing(settings, images["timing"], work)

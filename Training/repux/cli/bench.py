@@ -26,6 +26,8 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (for the report)."""
     import shlex
 
+    from repux.bench.suite import region_text
+
     words = ["repux", "bench"] + (["--quick"] if args.quick else [])
     for model in args.model or []:
         words += ["--model", model]
@@ -33,7 +35,7 @@ def _command(args: argparse.Namespace) -> str:
     for option in ("timing_preset", "timing_region", "agreement_region", "patch_reps"):
         value = getattr(args, option)
         if value is not None:
-            text = ",".join(f"{a}:{b}" for a, b in value) if isinstance(value, tuple) else str(value)
+            text = region_text(value) if isinstance(value, tuple) else str(value)
             words += [f"--{option.replace('_', '-')}", text]
     return " ".join(shlex.quote(word) for word in words)
 

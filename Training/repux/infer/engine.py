@@ -141,8 +141,8 @@ class Segmenter:
         if model is None:
             model = bundle.build_network(device="cpu")
             if optimize:
-                precision = "bfloat16" if fast else "float32"
-                model = optimize_for_inference(model, self.device, InferenceOptions(precision=precision))
+                # Exact float32 rewrites; bf16 (fast) is the WindowPredictor's, on whichever device it runs.
+                model = optimize_for_inference(model, self.device, InferenceOptions())
         self.predictor = WindowPredictor(model, self.device, fast)
         self.fast = fast
 
