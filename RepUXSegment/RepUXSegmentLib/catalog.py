@@ -159,6 +159,19 @@ class ModelCatalog:
     def names(self) -> list[str]:
         return [entry.name for entry in self.models()]
 
+    def available(self) -> list[PublishedModel]:
+        """Published models that can be downloaded and are not installed (nor shipped) yet.
+
+        Each has ``size_text`` ("size unknown" where the authors publish none) and
+        ``card_text()``; the registry is :mod:`repux.hub.registry`'s (``$REPUX_REGISTRY``).
+        """
+        taken = {entry.name for entry in self.models()} | {path.name for path in bundle_folders(self.user_dir)}
+        return [model for model in load_registry().models if model.importable and model.name not in taken]
+
+    def published(self, name: str) -> PublishedModel:
+        """The registry entry ``name`` (raises InputError naming the registry's models)."""
+        return load_registry().get(name)
+
     def get(self, model: "str | os.PathLike | ModelEntry") -> ModelEntry:
         """A model by catalog name, or any bundle folder given as a path.
 

@@ -294,6 +294,52 @@ class RepUXLogic:
         )
         return job.wait() if wait else job
 
+    # -- published models -----------------------------------------------------------------
+    def download_model(
+        self,
+        name: str,
+        wait: bool = True,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+    ) -> "ModelEntry | RepuxJob":
+        """Download the published model ``name`` into the user's model folder (``repux models pull``).
+
+        Nothing is downloaded unless this is called (the user's click). Progress records carry
+        bytes (``done``/``total``); Cancel keeps the partial download for the next attempt and
+        installs nothing. Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the job.
+        """
+        model = self.catalog.published(name)
+        args = ["models", "pull", model.name, "--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
+        args += option_arguments({"timeout": timeout})
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: self.catalog.get(model.name),
+            progress=progress,
+            description=f"repux models pull {model.name}",
+        )
+        return job.wait() if wait else job
+
+    def import_model_file(
+        self, name: str, path: str | os.PathLike, wait: bool = True, progress: Progress | None = None
+    ) -> "ModelEntry | RepuxJob":
+        """Install a checkpoint of the published model ``name`` downloaded by hand (``repux models import``).
+
+        The file gets the same checks as a download (web page, size, SHA-256, weights-only
+        loading, the registry's network) and is left where it is.
+        """
+        model = self.catalog.published(name)
+        args = ["models", "import", model.name, str(Path(path).expanduser().resolve())]
+        args += ["--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: self.catalog.get(model.name),
+            progress=progress,
+            description=f"repux models import {model.name} ({Path(path).name})",
+        )
+        return job.wait() if wait else job
+
     def import_bundle(self, folder: str | os.PathLike, name: str | None = None) -> ModelEntry:
         """Copy a bundle folder into the user's model folder (see :meth:`.catalog.ModelCatalog.add`)."""
         return self.catalog.add(folder, name)

@@ -50,7 +50,7 @@ def default_timeout() -> float:
 
 def browser_advice(model: PublishedModel) -> str:
     return (
-        f"download it in a web browser from {model.url} (sign in if asked), "
+        f"Download it in a web browser from {model.url} (sign in if asked), "
         f"then run: repux models import {model.name} DOWNLOADED_FILE"
     )
 
@@ -103,7 +103,7 @@ def _download_http(model: PublishedModel, part: Path, progress: Progress, timeou
             # The part is as long as the file or longer; the size and hash checks decide.
             return part
         raise DownloadError(
-            f"model {model.name}: {url}: HTTP {error.code} {error.reason} (expected the checkpoint file); "
+            f"model {model.name}: {url}: HTTP {error.code} {error.reason} (expected the checkpoint file). "
             + browser_advice(model)
         ) from None
     except TimeoutError:
@@ -199,5 +199,5 @@ def _download_google_drive(model: PublishedModel, part: Path, progress: Progress
         raise
     except (gdown.exceptions.FileURLRetrievalError, gdown.exceptions.DownloadError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DownloadError(f"model {model.name}: Google Drive refused the download ({first_line}); " + browser_advice(model)) from None
+        raise DownloadError(f"model {model.name}: Google Drive refused the download ({first_line}). " + browser_advice(model)) from None
     return part

@@ -80,6 +80,16 @@ class PublishedModel:
         """The download size for people ("1.2 GB", or "size unknown")."""
         return format_size(self.size_bytes)
 
+    def card_text(self) -> str:
+        """A few lines for people: what it is, size, source, labels, licence, citation."""
+        lines = [f"{self.name}: {self.title}", f"Download: {self.size_text} from {self.url}"]
+        lines.append(f"Network: {self.architecture}, {self.modality}; reported mean Dice {self.reported_dice}")
+        if self.label_note:
+            lines.append(f"Labels: {self.label_note}")
+        lines.append(f"Licence: {self.license or 'not stated'}. {self.license_note}".rstrip())
+        lines.append(f"Cite: {self.citation}")
+        return "\n".join(lines)
+
     def card(self) -> dict[str, Any]:
         """The entry as a JSON-ready dict (for ``repux models list --json`` and Slicer)."""
         return {
