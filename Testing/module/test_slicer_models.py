@@ -14,7 +14,16 @@ import pytest
 from module_helpers import PHANTOM_SHAPE, load_into_scene
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "repux"))  # the loopback server of the package tests
-from hub_support import HTML, SLOW, CheckpointServer, Route, published_checkpoint, registry_entry, small_network, write_registry  # noqa: E402
+from hub_support import (
+    HTML,
+    SLOW,
+    CheckpointServer,
+    Route,
+    published_checkpoint,
+    registry_entry,
+    small_network,
+    write_registry,
+)  # noqa: E402
 
 from RepUXSegmentLib.catalog import ModelCatalog  # noqa: E402
 from RepUXSegmentLib.logic import RepUXLogic  # noqa: E402
@@ -29,12 +38,22 @@ def server(tmp_path_factory):
     slow_network = small_network(feat_size=[16, 32, 48, 64], hidden_size=64, seed=1)
     server = CheckpointServer()
     server.routes.update(
-        {"/tiny.pth": Route(checkpoint), "/slow.pth": Route(published_checkpoint(slow_network), SLOW), "/page": Route(checkpoint, HTML)}
+        {
+            "/tiny.pth": Route(checkpoint),
+            "/slow.pth": Route(published_checkpoint(slow_network), SLOW),
+            "/page": Route(checkpoint, HTML),
+        }
     )
     registry = write_registry(
         tmp_path_factory.mktemp("site") / "registry.json",
         [
-            registry_entry("tiny", server.url("/tiny.pth"), network, sha256=hashlib.sha256(checkpoint).hexdigest(), size_bytes=len(checkpoint)),
+            registry_entry(
+                "tiny",
+                server.url("/tiny.pth"),
+                network,
+                sha256=hashlib.sha256(checkpoint).hexdigest(),
+                size_bytes=len(checkpoint),
+            ),
             registry_entry("slow", server.url("/slow.pth"), slow_network),
             registry_entry("page", server.url("/page"), network),
         ],

@@ -1,7 +1,7 @@
 """Shared helpers of the model-hub tests (no tests here): a loopback file server and a registry.
 
 - :class:`CheckpointServer`: a real HTTP server on 127.0.0.1 (a thread) that serves byte
-  strings by path, honours ``Range: bytes=N-`` (206), and can misbehave per path: cut the
+  strings by path (also as an HTTP proxy: absolute URLs are served by their path), honours ``Range: bytes=N-`` (206), and can misbehave per path: cut the
   first transfer half-way, answer with a web page, stall after a quarter, or trickle slowly.
 - :func:`published_checkpoint`: a small network saved as the authors save theirs (a raw
   state_dict written with ``torch.save``), as bytes.
@@ -52,7 +52,9 @@ class CheckpointServer:
 
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
                 server_state.requests.append((self.path, self.headers.get("Range")))
-                route = server_state.routes.get(self.path)
+                # As a proxy the server gets absolute URLs ("GET http://host/x.pth"): serve their path.
+                path = "/" + self.path.split("/", 3)[3] if self.path.startswith("http://") else self.path
+                route = server_state.routes.get(path)
                 if route is None:
                     self.send_error(404, "Not Found")
                     return

@@ -63,7 +63,9 @@ def test_check_cli_passes_the_demo_and_catches_a_bundle_with_swapped_names(phant
     demo = load_bundle("demo")
     swapped = dataclasses.replace(demo.metadata, labels=label_preset("flare21"))  # liver and spleen names exchanged
     save_bundle(demo.state_dict(), swapped, tmp_path / "swapped")
-    code = main(["models", "check", str(tmp_path / "swapped"), str(phantom_ct), "--device", "cpu", "--progress", "none"])
+    code = main(
+        ["models", "check", str(tmp_path / "swapped"), str(phantom_ct), "--device", "cpu", "--progress", "none"]
+    )
     out = capsys.readouterr().out
     assert code == 1
     assert "labels look swapped: 1 'liver' <-> 3 'spleen'" in out

@@ -17,7 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from hub_support import CUT, HTML, SLOW, STALL, CheckpointServer, Route, published_checkpoint, registry_entry, small_network, write_registry
+from hub_support import (
+    CUT,
+    HTML,
+    SLOW,
+    STALL,
+    CheckpointServer,
+    Route,
+    published_checkpoint,
+    registry_entry,
+    small_network,
+    write_registry,
+)
 from repux.bundle import load_bundle
 from repux.cli import main
 from repux.hub.folders import MODELS_DIR_ENV
@@ -80,6 +91,8 @@ def site(tmp_path_factory) -> Site:
         registry_entry("needs-code", url("/needs-code.pth"), network),
         registry_entry("wider", url("/wider.pth"), network),
         registry_entry("uxnet-file", url("/uxnet.pth"), network),
+        # A host that does not exist: reachable only through the proxy of the proxy test.
+        registry_entry("proxied", "http://checkpoints.invalid/tiny.pth", network, sha256=digest),
     ]
     yield Site(server, write_registry(folder / "registry.json", entries), checkpoint, marker)
     server.close()
@@ -152,10 +165,16 @@ def test_each_registry_network_is_the_published_one():
     "change, message",
     [
         (lambda e: e.pop("sha256"), r"key 'models\[0\]\.sha256' is missing"),
-        (lambda e: e.update(sha256="ABC"), r"key 'models\[0\]\.sha256': expected 64 lower-case hexadecimal digits or null, got 'ABC'"),
+        (
+            lambda e: e.update(sha256="ABC"),
+            r"key 'models\[0\]\.sha256': expected 64 lower-case hexadecimal digits or null, got 'ABC'",
+        ),
         (lambda e: e.update(labels="flare99"), r"key 'models\[0\]\.labels': expected a label preset"),
         (lambda e: e.update(labels="amos"), r"key 'models\[0\]\.labels': expected a preset with 5 labels"),
-        (lambda e: e.update(labels=None), r"key 'models\[0\]\.importable': expected false for a model without a label preset"),
+        (
+            lambda e: e.update(labels=None),
+            r"key 'models\[0\]\.importable': expected false for a model without a label preset",
+        ),
         (lambda e: e.update(name="../escape"), r"key 'models\[0\]\.name': expected a folder name"),
         (lambda e: e["source"].update(kind="ftp"), r"key 'models\[0\]\.source\.kind': expected one of"),
         (lambda e: e.update(sizes=3), r"unknown key 'models\[0\]\.sizes'"),
@@ -234,17 +253,31 @@ def test_a_cut_download_is_resumed_where_it_stopped(models, site, capsys):
     code, _, err = models_cli(capsys, "pull", "cut", "--progress", "none")
     assert code == 0, err
     assert site.server.requests[-1] == ("/cut.pth", f"bytes={half}-")
-    assert load_bundle(models / "cut").metadata.provenance["source_sha256"] == hashlib.sha256(site.checkpoint).hexdigest()
+    assert (
+        load_bundle(models / "cut").metadata.provenance["source_sha256"] == hashlib.sha256(site.checkpoint).hexdigest()
+    )
     assert not part.exists()
 
 
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("page", r"model page: http://127\.0\.0\.1:\d+/page answered with a web page \(text/html; charset=utf-8\), not the checkpoint"),
-        ("missing", r"model missing: http://127\.0\.0\.1:\d+/nothing-here\.pth: HTTP 404 Not Found \(expected the checkpoint file\)"),
-        ("wrong-hash", r"model wrong-hash: the downloaded file \S+ has SHA-256 [0-9a-f]{64}, expected 0{64} \(the registry's\)"),
-        ("wrong-size", r"model wrong-size: the downloaded file \S+ has (\d+) bytes, expected \d+ \(the registry's size\)"),
+        (
+            "page",
+            r"model page: http://127\.0\.0\.1:\d+/page answered with a web page \(text/html; charset=utf-8\), not the checkpoint",
+        ),
+        (
+            "missing",
+            r"model missing: http://127\.0\.0\.1:\d+/nothing-here\.pth: HTTP 404 Not Found \(expected the checkpoint file\)",
+        ),
+        (
+            "wrong-hash",
+            r"model wrong-hash: the downloaded file \S+ has SHA-256 [0-9a-f]{64}, expected 0{64} \(the registry's\)",
+        ),
+        (
+            "wrong-size",
+            r"model wrong-size: the downloaded file \S+ has (\d+) bytes, expected \d+ \(the registry's size\)",
+        ),
     ],
 )
 def test_a_wrong_download_is_refused_with_the_way_round_it(models, site, capsys, name, message):
@@ -256,11 +289,28 @@ def test_a_wrong_download_is_refused_with_the_way_round_it(models, site, capsys,
     assert not (models / ".downloads" / f"{name}.part").exists()
 
 
+def test_the_proxy_variables_users_set_are_used(models, site, capsys, monkeypatch):
+    proxy = CheckpointServer(routes={"/tiny.pth": Route(site.checkpoint)})
+    try:
+        monkeypatch.setenv("http_proxy", proxy.base_url)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        code, _, err = models_cli(capsys, "pull", "proxied", "--progress", "none")
+    finally:
+        proxy.close()
+    assert code == 0, err
+    assert proxy.requests == [("http://checkpoints.invalid/tiny.pth", None)]
+    assert load_bundle(models / "proxied").metadata.provenance["source"] == "http://checkpoints.invalid/tiny.pth"
+
+
 def test_a_stalled_server_times_out_and_keeps_the_part(models, site, capsys):
     start = time.monotonic()
     code, _, err = models_cli(capsys, "pull", "stall", "--timeout", "1", "--progress", "none")
     assert code == 2 and time.monotonic() - start < 20
-    found = re.search(r"model stall: no data from http://127\.0\.0\.1:\d+/stall\.pth for 1 s \(timeout\); the (\d+) bytes received are kept", err)
+    found = re.search(
+        r"model stall: no data from http://127\.0\.0\.1:\d+/stall\.pth for 1 s \(timeout\); the (\d+) bytes received are kept",
+        err,
+    )
     assert found, err
     # Everything the server sent before it stalled is kept for resuming.
     assert int(found.group(1)) == (models / ".downloads" / "stall.part").stat().st_size == len(site.checkpoint) // 4
@@ -270,7 +320,10 @@ def test_a_stalled_server_times_out_and_keeps_the_part(models, site, capsys):
 def test_a_pickle_that_needs_code_is_refused_without_running_it(models, site, capsys):
     code, _, err = models_cli(capsys, "pull", "needs-code", "--progress", "none")
     assert code == 2
-    assert re.search(r"model needs-code: \S+needs-code\.part: refusing to load: the file is a pickle that needs code \(\S*mkdir\)", err), err
+    assert re.search(
+        r"model needs-code: \S+needs-code\.part: refusing to load: the file is a pickle that needs code \(\S*mkdir\)",
+        err,
+    ), err
     assert not site.marker.exists()
     assert_nothing_installed(models, "needs-code")
 
@@ -278,8 +331,14 @@ def test_a_pickle_that_needs_code_is_refused_without_running_it(models, site, ca
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("wider", r"model wider: \S+wider\.part: expected a repuxnet network with feat_size \[4, 8, 12, 16\] \(the file has \[4, 8, 16, 16\]\)"),
-        ("uxnet-file", r"model uxnet-file: \S+: state_dict is not a repuxnet network: no key starts with 'repuxnet_3d\.' \(the keys are those of a uxnet network\)"),
+        (
+            "wider",
+            r"model wider: \S+wider\.part: expected a repuxnet network with feat_size \[4, 8, 12, 16\] \(the file has \[4, 8, 16, 16\]\)",
+        ),
+        (
+            "uxnet-file",
+            r"model uxnet-file: \S+: state_dict is not a repuxnet network: no key starts with 'repuxnet_3d\.' \(the keys are those of a uxnet network\)",
+        ),
     ],
 )
 def test_weights_that_do_not_fit_the_registry_network_are_refused(models, site, capsys, name, message):

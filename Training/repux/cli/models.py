@@ -63,7 +63,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _progress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--progress", default="bar", choices=PROGRESS_MODES, help="bar (terminal), jsonl (one JSON object per line) or none"
+        "--progress",
+        default="bar",
+        choices=PROGRESS_MODES,
+        help="bar (terminal), jsonl (one JSON object per line) or none",
     )
 
 
@@ -105,12 +108,11 @@ def _registry_model(name: str):
 
 
 def _pull(args: argparse.Namespace, folder: Path, progress) -> int:
+    from repux.errors import InputError
     from repux.hub.download import default_timeout
     from repux.hub.install import pull
 
     if args.timeout is not None and not args.timeout > 0:
-        from repux.errors import InputError
-
         raise InputError(f"--timeout {args.timeout}: expected a positive number of seconds")
     model = _registry_model(args.name)
     bundle = pull(model, folder, progress, args.timeout or default_timeout(), force=args.force)
@@ -136,7 +138,6 @@ def _remove(args: argparse.Namespace, folder: Path) -> int:
 
 
 def _verify(args: argparse.Namespace, folder: Path) -> int:
-    from repux.errors import InputError
     from repux.hub.install import verify
     from repux.hub.registry import load_registry
 
@@ -150,13 +151,22 @@ def _verify(args: argparse.Namespace, folder: Path) -> int:
 
 
 def _check(args: argparse.Namespace, folder: Path, progress) -> int:
-    from repux.bundle import LABEL_PRESETS, label_preset, load_bundle
+    from repux.bundle import LABEL_PRESETS, SHIPPED_MODELS_DIR, label_preset, load_bundle
+    from repux.errors import InputError
     from repux.hub.label_check import check_labels
     from repux.imageio import read_volume
     from repux.infer.engine import Segmenter
 
     installed = folder / args.name
-    bundle = load_bundle(installed if (installed / "model.json").is_file() else args.name)
+    if (installed / "model.json").is_file():
+        bundle = load_bundle(installed)
+    elif Path(args.name).exists() or (SHIPPED_MODELS_DIR / args.name).exists():
+        bundle = load_bundle(args.name)
+    else:
+        raise InputError(
+            f"model {args.name}: not installed in {folder} and not a bundle folder; "
+            f"install it first (repux models pull {args.name}) or pass a bundle folder"
+        )
     ct = read_volume(args.ct)
     labels = Segmenter(bundle, device=args.device, progress=progress).segment(ct, source=str(args.ct))
     result = check_labels(labels, bundle.labels, ct)
@@ -166,7 +176,12 @@ def _check(args: argparse.Namespace, folder: Path, progress) -> int:
     if result.fixed_names is not None:
         matching = [p for p in LABEL_PRESETS if [label.name for label in label_preset(p)] == result.fixed_names]
         if matching:
-            print(f"the label order of preset {matching[0]!r} fits this CT: import the checkpoint with --labels {matching[0]}", file=out)
+            print(
+                f"the label order of preset {matching[0]!r} fits this CT: import the checkpoint with --labels {matching[0]}",
+                file=out,
+            )
     if args.progress == "jsonl":
-        progress.message("label check", consistent=result.consistent, swapped=[[a.name, b.name] for a, b in result.swaps])
+        progress.message(
+            "label check", consistent=result.consistent, swapped=[[a.name, b.name] for a, b in result.swaps]
+        )
     return 0 if result.consistent else 1

@@ -97,7 +97,8 @@ def _download_http(model: PublishedModel, part: Path, progress: Progress, timeou
     if have:
         headers["Range"] = f"bytes={have}-"
     try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+        # A new opener each time: its ProxyHandler reads the proxy variables as they are now.
+        response = urllib.request.build_opener().open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as error:
         if error.code == 416 and have:
             # The part is as long as the file or longer; the size and hash checks decide.
@@ -185,12 +186,15 @@ def _download_google_drive(model: PublishedModel, part: Path, progress: Progress
         if model.source_kind == "google-drive-folder":
             folder = part.with_suffix(".folder")
             progress.stage(f"download {model.name}")  # gdown's own bar shows the bytes of a folder
-            files = gdown.download_folder(url=model.url, output=str(folder), quiet=progress.mode != "bar", resume=True, timeout=timeout)
+            files = gdown.download_folder(
+                url=model.url, output=str(folder), quiet=progress.mode != "bar", resume=True, timeout=timeout
+            )
             checkpoints = [Path(f) for f in files or [] if str(f).endswith((".pth", ".pt"))]
             if len(checkpoints) != 1:
                 raise DownloadError(
                     f"model {model.name}: the folder {model.url} holds {len(checkpoints)} .pth files "
-                    f"({', '.join(p.name for p in checkpoints) or 'none'}), expected exactly one. " + browser_advice(model)
+                    f"({', '.join(p.name for p in checkpoints) or 'none'}), expected exactly one. "
+                    + browser_advice(model)
                 )
             os.replace(checkpoints[0], part)
         else:
@@ -199,5 +203,7 @@ def _download_google_drive(model: PublishedModel, part: Path, progress: Progress
         raise
     except (gdown.exceptions.FileURLRetrievalError, gdown.exceptions.DownloadError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DownloadError(f"model {model.name}: Google Drive refused the download ({first_line}). " + browser_advice(model)) from None
+        raise DownloadError(
+            f"model {model.name}: Google Drive refused the download ({first_line}). " + browser_advice(model)
+        ) from None
     return part

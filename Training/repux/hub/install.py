@@ -32,7 +32,9 @@ REGISTRY_KEY = "registry_model"
 
 def check_importable(model: PublishedModel) -> None:
     if not model.importable:
-        raise BundleError(f"model {model.name}: listed for reference only: {model.not_importable_reason}; source: {model.url}")
+        raise BundleError(
+            f"model {model.name}: listed for reference only: {model.not_importable_reason}; source: {model.url}"
+        )
 
 
 def pull(model: PublishedModel, folder: Path, progress: Progress, timeout: float, force: bool = False) -> Path:
@@ -43,7 +45,9 @@ def pull(model: PublishedModel, folder: Path, progress: Progress, timeout: float
     check_importable(model)
     target = folder / model.name
     if target.exists() and not force:
-        progress.message(f"{model.name} is already installed in {target} (repux models remove {model.name} to re-download)")
+        progress.message(
+            f"{model.name} is already installed in {target} (repux models remove {model.name} to re-download)"
+        )
         return target
     part = partial_download_path(folder, model.name)
     download(model, part, progress, timeout)
@@ -86,7 +90,9 @@ def install_file(
     progress.stage(f"check {model.name}")
     digest = check_file(model, path, what)
     progress.stage(f"import {model.name}")
-    preprocessing = default_preprocessing(tuple(model.preprocessing["spacing"]), tuple(model.preprocessing["patch_size"]))
+    preprocessing = default_preprocessing(
+        tuple(model.preprocessing["spacing"]), tuple(model.preprocessing["patch_size"])
+    )
     preprocessing["intensity"] = dict(model.preprocessing["intensity"])
     preprocessing["orientation"] = model.preprocessing["orientation"]
     try:
@@ -149,7 +155,9 @@ def verify(name: str, folder: Path, model: PublishedModel | None) -> list[str]:
         raise BundleError(f"model {name}: not installed (no bundle folder {target})")
     bundle = load_bundle(target)
     bundle.state_dict()  # reads every tensor: a truncated or corrupted weights file fails here
-    done = [f"{target}: model.json and the weights of every layer of the {bundle.metadata.architecture} network are complete"]
+    done = [
+        f"{target}: model.json and the weights of every layer of the {bundle.metadata.architecture} network are complete"
+    ]
     provenance = bundle.metadata.provenance
     if model is not None and provenance.get(REGISTRY_KEY) == model.name:
         expected = {key: value for key, value in model.network.items() if key != "a"}
@@ -165,5 +173,7 @@ def verify(name: str, folder: Path, model: PublishedModel | None) -> list[str]:
                 )
             done.append(f"made from the published file (SHA-256 {model.sha256})")
         else:
-            done.append(f"source file SHA-256 {provenance.get('source_sha256')} (the registry publishes none to compare)")
+            done.append(
+                f"source file SHA-256 {provenance.get('source_sha256')} (the registry publishes none to compare)"
+            )
     return done

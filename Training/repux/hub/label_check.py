@@ -64,20 +64,62 @@ RULES: tuple[Rule, ...] = (
     Rule("liver is larger than the spleen", ("liver", "spleen"), lambda o, b: o["liver"].voxels > o["spleen"].voxels),
     Rule("kidneys lie on both sides", ("kidney",), lambda o, b: 0.2 < o["kidney"].right_share < 0.8),
     Rule("kidneys lie in the back half of the body", ("kidney",), lambda o, b: _y(o["kidney"]) < b[1]),
-    Rule("right kidney lies on the patient's right", ("right kidney",), lambda o, b: o["right kidney"].right_share > 0.5),
+    Rule(
+        "right kidney lies on the patient's right", ("right kidney",), lambda o, b: o["right kidney"].right_share > 0.5
+    ),
     Rule("left kidney lies on the patient's left", ("left kidney",), lambda o, b: o["left kidney"].right_share < 0.5),
-    Rule("right kidney is right of the left kidney", ("right kidney", "left kidney"), lambda o, b: _x(o["right kidney"]) > _x(o["left kidney"])),
-    Rule("right and left kidney lie in the back half", ("right kidney", "left kidney"), lambda o, b: max(_y(o["right kidney"]), _y(o["left kidney"])) < b[1]),
-    Rule("pancreas lies in front of the kidneys", ("pancreas", "kidneys"), lambda o, b: _y(o["pancreas"]) > _y(o["kidneys"])),
-    Rule("pancreas lies between spleen and liver", ("pancreas", "spleen", "liver"), lambda o, b: _x(o["spleen"]) < _x(o["pancreas"]) < _x(o["liver"])),
+    Rule(
+        "right kidney is right of the left kidney",
+        ("right kidney", "left kidney"),
+        lambda o, b: _x(o["right kidney"]) > _x(o["left kidney"]),
+    ),
+    Rule(
+        "right and left kidney lie in the back half",
+        ("right kidney", "left kidney"),
+        lambda o, b: max(_y(o["right kidney"]), _y(o["left kidney"])) < b[1],
+    ),
+    Rule(
+        "pancreas lies in front of the kidneys",
+        ("pancreas", "kidneys"),
+        lambda o, b: _y(o["pancreas"]) > _y(o["kidneys"]),
+    ),
+    Rule(
+        "pancreas lies between spleen and liver",
+        ("pancreas", "spleen", "liver"),
+        lambda o, b: _x(o["spleen"]) < _x(o["pancreas"]) < _x(o["liver"]),
+    ),
     Rule("stomach is left of the liver", ("stomach", "liver"), lambda o, b: _x(o["stomach"]) < _x(o["liver"])),
     Rule("gallbladder lies on the patient's right", ("gallbladder",), lambda o, b: o["gallbladder"].right_share > 0.5),
-    Rule("inferior vena cava is right of the aorta", ("inferior vena cava", "aorta"), lambda o, b: _x(o["inferior vena cava"]) > _x(o["aorta"])),
-    Rule("right adrenal gland is right of the left one", ("right adrenal gland", "left adrenal gland"), lambda o, b: _x(o["right adrenal gland"]) > _x(o["left adrenal gland"])),
-    Rule("esophagus lies above the pancreas", ("esophagus", "pancreas"), lambda o, b: _z(o["esophagus"]) > _z(o["pancreas"])),
-    Rule("duodenum is right of the pancreas' centre", ("duodenum", "pancreas"), lambda o, b: _x(o["duodenum"]) > _x(o["pancreas"])),
-    Rule("urinary bladder lies below the kidneys", ("urinary bladder", "kidneys"), lambda o, b: _z(o["urinary bladder"]) < _z(o["kidneys"])),
-    Rule("prostate/uterus lies below the kidneys", ("prostate/uterus", "kidneys"), lambda o, b: _z(o["prostate/uterus"]) < _z(o["kidneys"])),
+    Rule(
+        "inferior vena cava is right of the aorta",
+        ("inferior vena cava", "aorta"),
+        lambda o, b: _x(o["inferior vena cava"]) > _x(o["aorta"]),
+    ),
+    Rule(
+        "right adrenal gland is right of the left one",
+        ("right adrenal gland", "left adrenal gland"),
+        lambda o, b: _x(o["right adrenal gland"]) > _x(o["left adrenal gland"]),
+    ),
+    Rule(
+        "esophagus lies above the pancreas",
+        ("esophagus", "pancreas"),
+        lambda o, b: _z(o["esophagus"]) > _z(o["pancreas"]),
+    ),
+    Rule(
+        "duodenum is right of the pancreas' centre",
+        ("duodenum", "pancreas"),
+        lambda o, b: _x(o["duodenum"]) > _x(o["pancreas"]),
+    ),
+    Rule(
+        "urinary bladder lies below the kidneys",
+        ("urinary bladder", "kidneys"),
+        lambda o, b: _z(o["urinary bladder"]) < _z(o["kidneys"]),
+    ),
+    Rule(
+        "prostate/uterus lies below the kidneys",
+        ("prostate/uterus", "kidneys"),
+        lambda o, b: _z(o["prostate/uterus"]) < _z(o["kidneys"]),
+    ),
 )
 
 
@@ -146,7 +188,9 @@ def _with_kidneys(organs: dict[str, Place]) -> dict[str, Place]:
 
 def _evaluate(organs: dict[str, Place], body: np.ndarray) -> list[tuple[str, bool]]:
     organs = _with_kidneys(organs)
-    return [(rule.text, bool(rule.holds(organs, body))) for rule in RULES if all(name in organs for name in rule.organs)]
+    return [
+        (rule.text, bool(rule.holds(organs, body))) for rule in RULES if all(name in organs for name in rule.organs)
+    ]
 
 
 def check_labels(labels: Volume, label_list: Sequence[Label], ct: Volume) -> LabelCheck:
@@ -154,7 +198,11 @@ def check_labels(labels: Volume, label_list: Sequence[Label], ct: Volume) -> Lab
     organs, body = places(labels, label_list, ct)
     organs = {name: place for name, place in organs.items() if place.volume_ml >= MIN_ORGAN_ML}
     known = {name for rule in RULES for name in rule.organs} | set(KIDNEYS)
-    missing = [label.name for label in label_list if label.value != 0 and label.name.lower() in known and label.name.lower() not in organs]
+    missing = [
+        label.name
+        for label in label_list
+        if label.value != 0 and label.name.lower() in known and label.name.lower() not in organs
+    ]
     results = _evaluate(organs, body)
     check = LabelCheck(results, missing)
     if check.consistent:

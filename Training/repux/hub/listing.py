@@ -48,7 +48,13 @@ def _bundle_row(path: Path, state: str) -> dict[str, Any]:
     weights = path / "model.safetensors"
     size = weights.stat().st_size if weights.is_file() else None
     source = str(metadata.provenance.get("source", path))
-    return {**row, "architecture": metadata.architecture, "modality": metadata.modality, "size": format_size(size), "source": source}
+    return {
+        **row,
+        "architecture": metadata.architecture,
+        "modality": metadata.modality,
+        "size": format_size(size),
+        "source": source,
+    }
 
 
 def model_rows(folder: Path) -> list[dict[str, Any]]:

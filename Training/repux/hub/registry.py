@@ -43,8 +43,22 @@ MODALITIES = ("CT", "MR")
 ARCHITECTURES = ("repuxnet", "uxnet")  # repux.network.ARCHITECTURES, without importing torch
 
 _MODEL_KEYS = (
-    "name", "title", "architecture", "network", "labels", "label_note", "modality", "preprocessing", "source",
-    "size_bytes", "sha256", "reported_dice", "license", "license_note", "citation", "importable",
+    "name",
+    "title",
+    "architecture",
+    "network",
+    "labels",
+    "label_note",
+    "modality",
+    "preprocessing",
+    "source",
+    "size_bytes",
+    "sha256",
+    "reported_dice",
+    "license",
+    "license_note",
+    "citation",
+    "importable",
     "not_importable_reason",
 )
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -93,12 +107,24 @@ class PublishedModel:
     def card(self) -> dict[str, Any]:
         """The entry as a JSON-ready dict (for ``repux models list --json`` and Slicer)."""
         return {
-            "name": self.name, "title": self.title, "architecture": self.architecture, "network": self.network,
-            "labels": self.labels, "label_note": self.label_note, "modality": self.modality,
-            "preprocessing": self.preprocessing, "url": self.url, "source_kind": self.source_kind,
-            "page": self.page, "size_bytes": self.size_bytes, "sha256": self.sha256,
-            "reported_dice": self.reported_dice, "license": self.license, "license_note": self.license_note,
-            "citation": self.citation, "importable": self.importable,
+            "name": self.name,
+            "title": self.title,
+            "architecture": self.architecture,
+            "network": self.network,
+            "labels": self.labels,
+            "label_note": self.label_note,
+            "modality": self.modality,
+            "preprocessing": self.preprocessing,
+            "url": self.url,
+            "source_kind": self.source_kind,
+            "page": self.page,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "reported_dice": self.reported_dice,
+            "license": self.license,
+            "license_note": self.license_note,
+            "citation": self.citation,
+            "importable": self.importable,
             "not_importable_reason": self.not_importable_reason,
         }
 
@@ -157,7 +183,9 @@ def load_registry(path: str | os.PathLike | None = None) -> Registry:
     for index, item in enumerate(top.array("models")):
         model = _model(JsonFields(item, str(path), f"models[{index}]"))
         if model.name in (m.name for m in models):
-            raise BundleError(f"{path}: key 'models[{index}].name': {model.name!r} appears twice (expected unique names)")
+            raise BundleError(
+                f"{path}: key 'models[{index}].name': {model.name!r} appears twice (expected unique names)"
+            )
         models.append(model)
     return Registry(models, path)
 
@@ -168,7 +196,11 @@ def _optional(fields: JsonFields, name: str, expected: str, check) -> Any:
 
 def _model(fields: JsonFields) -> PublishedModel:
     fields.only(_MODEL_KEYS)
-    name = fields.get("name", "a folder name (letters, digits, '.', '_', '-')", lambda v: isinstance(v, str) and bool(_SAFE_NAME.match(v)))
+    name = fields.get(
+        "name",
+        "a folder name (letters, digits, '.', '_', '-')",
+        lambda v: isinstance(v, str) and bool(_SAFE_NAME.match(v)),
+    )
     architecture = fields.get("architecture", f"one of {', '.join(ARCHITECTURES)}", lambda v: v in ARCHITECTURES)
     network = fields.obj("network")
     out_chans = network.integer("out_chans", minimum=2)
@@ -199,7 +231,12 @@ def _model(fields: JsonFields) -> PublishedModel:
         source_kind=kind,
         page=source.string("page"),
         size_bytes=_optional(fields, "size_bytes", "a positive integer (bytes)", lambda v: is_int(v) and v > 0),
-        sha256=_optional(fields, "sha256", "64 lower-case hexadecimal digits", lambda v: isinstance(v, str) and bool(_SHA256.match(v))),
+        sha256=_optional(
+            fields,
+            "sha256",
+            "64 lower-case hexadecimal digits",
+            lambda v: isinstance(v, str) and bool(_SHA256.match(v)),
+        ),
         reported_dice=_optional(fields, "reported_dice", "a number 0..1", lambda v: is_number(v) and 0 <= v <= 1),
         license=_optional(fields, "license", "an SPDX licence id", lambda v: isinstance(v, str) and v != ""),
         license_note=fields.text("license_note"),
@@ -218,7 +255,9 @@ def _preprocessing(fields: JsonFields) -> dict[str, Any]:
     window = {key: intensity.number(key) for key in ("a_min", "a_max", "b_min", "b_max")}
     window["clip"] = intensity.boolean("clip")
     patch = fields.get(
-        "patch_size", "3 positive multiples of 16", lambda v: isinstance(v, list) and len(v) == 3 and all(is_int(x) and x > 0 and x % 16 == 0 for x in v)
+        "patch_size",
+        "3 positive multiples of 16",
+        lambda v: isinstance(v, list) and len(v) == 3 and all(is_int(x) and x > 0 and x % 16 == 0 for x in v),
     )
     return {
         "spacing": None if spacing is None else [float(s) for s in spacing],
