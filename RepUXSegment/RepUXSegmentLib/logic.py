@@ -14,6 +14,9 @@ Example::
     logic.export_labelmap(segmentation, "/tmp/labels.nii.gz")
     case = logic.add_case(volume_node, segmentation, "/data/curated", "demo")
     entry = logic.retrain("/data/curated", "demo", None, iterations=200)
+    [m.name for m in logic.catalog.available()]                 # published, not installed
+    job = logic.download_model("uxnet-flare", wait=False)       # a background download
+    entry = logic.import_model_file("uxnet-flare", "/media/usb/uxnet_flare.pth")  # offline
 """
 
 from __future__ import annotations
@@ -301,16 +304,18 @@ class RepUXLogic:
         wait: bool = True,
         progress: Progress | None = None,
         timeout: float | None = None,
+        labels: str | None = None,
     ) -> "ModelEntry | RepuxJob":
         """Download the published model ``name`` into the user's model folder (``repux models pull``).
 
         Nothing is downloaded unless this is called (the user's click). Progress records carry
         bytes (``done``/``total``); Cancel keeps the partial download for the next attempt and
-        installs nothing. Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the job.
+        installs nothing. ``labels``: a label preset instead of the registry's ("flare21").
+        Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the job.
         """
         model = self.catalog.published(name)
         args = ["models", "pull", model.name, "--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
-        args += option_arguments({"timeout": timeout})
+        args += option_arguments({"timeout": timeout, "labels": labels})
         job = RepuxJob(
             args,
             python=self.python,
@@ -321,16 +326,22 @@ class RepUXLogic:
         return job.wait() if wait else job
 
     def import_model_file(
-        self, name: str, path: str | os.PathLike, wait: bool = True, progress: Progress | None = None
+        self,
+        name: str,
+        path: str | os.PathLike,
+        wait: bool = True,
+        progress: Progress | None = None,
+        labels: str | None = None,
     ) -> "ModelEntry | RepuxJob":
         """Install a checkpoint of the published model ``name`` downloaded by hand (``repux models import``).
 
         The file gets the same checks as a download (web page, size, SHA-256, weights-only
-        loading, the registry's network) and is left where it is.
+        loading, the registry's network) and is left where it is. ``labels`` as in
+        :meth:`download_model`.
         """
         model = self.catalog.published(name)
         args = ["models", "import", model.name, str(Path(path).expanduser().resolve())]
-        args += ["--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
+        args += ["--models-dir", str(self.catalog.user_dir), "--progress", "jsonl", *option_arguments({"labels": labels})]
         job = RepuxJob(
             args,
             python=self.python,

@@ -114,8 +114,9 @@ def test_cancel_of_a_download_installs_nothing_and_keeps_the_part(logic):
 def test_a_hand_downloaded_file_is_imported_and_a_web_page_refused(logic, server, tmp_path):
     download = tmp_path / "best_metric_model.pth"
     download.write_bytes(server.checkpoint)
-    entry = logic.import_model_file("tiny", download)
+    entry = logic.import_model_file("tiny", download, labels="flare21")
     assert entry.name == "tiny" and download.is_file()
+    assert [label.name for label in entry.labels][1:] == ["liver", "kidney", "spleen", "pancreas"]
     np.testing.assert_array_equal(entry.metadata.network["feat_size"], [4, 8, 12, 16])
 
     page = tmp_path / "drive.html"

@@ -384,6 +384,19 @@ def test_a_hand_downloaded_file_is_imported_and_checked_the_same_way(models, sit
     assert not (models / "unhashed").exists() and not (models / "wrong-hash").exists()
 
 
+def test_another_label_order_can_be_chosen(models, site, tmp_path, capsys):
+    """What settles a FLARE checkpoint once repux models check has spoken: flare21 instead of flare."""
+    download = tmp_path / "best_metric_model.pth"
+    download.write_bytes(site.checkpoint)
+    assert models_cli(capsys, "import", "unhashed", download, "--labels", "flare21", "--progress", "none")[0] == 0
+    metadata = load_bundle(models / "unhashed").metadata
+    assert [label.name for label in metadata.labels] == ["background", "liver", "kidney", "spleen", "pancreas"]
+    assert metadata.provenance["label_preset"] == "flare21"
+    assert metadata.provenance["command"] == f"repux models import unhashed {download} --labels flare21"
+    code, _, err = models_cli(capsys, "import", "tiny", download, "--labels", "amos", "--progress", "none")
+    assert code == 2 and "the network has 5 output channels but the labels give 16" in err, err
+
+
 def test_verify_finds_damaged_weights(models, site, capsys):
     assert models_cli(capsys, "pull", "tiny", "--progress", "none")[0] == 0
     weights = models / "tiny" / "model.safetensors"

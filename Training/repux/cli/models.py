@@ -40,12 +40,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     pull.add_argument("name", metavar="NAME", help="a model of the registry (see repux models list)")
     pull.add_argument("--timeout", type=float, metavar="S", help="seconds without data before giving up (default 60)")
     pull.add_argument("--force", action="store_true", help="download and install again over an installed copy")
+    _labels_option(pull)
     _progress_option(pull)
 
     imported = action("import", "install a checkpoint file downloaded by hand (e.g. on another computer)")
     imported.add_argument("name", metavar="NAME", help="the registry model the file is")
     imported.add_argument("file", type=Path, metavar="FILE", help="the downloaded .pth file (left where it is)")
     imported.add_argument("--force", action="store_true", help="replace an installed copy")
+    _labels_option(imported)
     _progress_option(imported)
 
     removed = action("remove", "delete an installed model (and any partial download of it)")
@@ -59,6 +61,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     check.add_argument("ct", type=Path, metavar="CT", help="an abdominal CT (.nii.gz, .nrrd, .mha, DICOM folder)")
     check.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     _progress_option(check)
+
+
+def _labels_option(parser: argparse.ArgumentParser) -> None:
+    from repux.bundle.presets import LABEL_PRESETS
+
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_PRESETS,
+        help="label order instead of the registry's (e.g. flare21 when 'repux models check' finds liver "
+        "and spleen swapped)",
+    )
 
 
 def _progress_option(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +128,8 @@ def _pull(args: argparse.Namespace, folder: Path, progress) -> int:
     if args.timeout is not None and not args.timeout > 0:
         raise InputError(f"--timeout {args.timeout}: expected a positive number of seconds")
     model = _registry_model(args.name)
-    bundle = pull(model, folder, progress, args.timeout or default_timeout(), force=args.force)
+    how = _command(["repux", "models", "pull", model.name], args)
+    bundle = pull(model, folder, progress, args.timeout or default_timeout(), args.force, args.labels, how)
     print(f"{model.name}: installed in {bundle}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
     return 0
 
@@ -124,10 +138,19 @@ def _import(args: argparse.Namespace, folder: Path, progress) -> int:
     from repux.hub.install import install_file
 
     model = _registry_model(args.name)
-    how = f"repux models import {model.name} {args.file}"
-    bundle = install_file(model, args.file, folder, progress, how=how, force=args.force)
+    how = _command(["repux", "models", "import", model.name, str(args.file)], args)
+    bundle = install_file(model, args.file, folder, progress, how=how, force=args.force, labels=args.labels)
     print(f"{model.name}: installed in {bundle}", file=sys.stderr if args.progress == "jsonl" else sys.stdout)
     return 0
+
+
+def _command(words: list[str], args: argparse.Namespace) -> str:
+    """The command as a user would retype it, for the bundle's provenance."""
+    import shlex
+
+    if args.labels:
+        words += ["--labels", args.labels]
+    return shlex.join(words + (["--force"] if args.force else []))
 
 
 def _remove(args: argparse.Namespace, folder: Path) -> int:

@@ -37,10 +37,19 @@ def check_importable(model: PublishedModel) -> None:
         )
 
 
-def pull(model: PublishedModel, folder: Path, progress: Progress, timeout: float, force: bool = False) -> Path:
+def pull(
+    model: PublishedModel,
+    folder: Path,
+    progress: Progress,
+    timeout: float,
+    force: bool = False,
+    labels: str | None = None,
+    how: str | None = None,
+) -> Path:
     """Download ``model`` once and install it as ``folder/NAME``; return the bundle folder.
 
-    An installed model is not downloaded again unless ``force``.
+    An installed model is not downloaded again unless ``force``. ``labels``: a label preset
+    instead of the registry's (e.g. "flare21" when ``repux models check`` says so).
     """
     check_importable(model)
     target = folder / model.name
@@ -52,7 +61,8 @@ def pull(model: PublishedModel, folder: Path, progress: Progress, timeout: float
     part = partial_download_path(folder, model.name)
     download(model, part, progress, timeout)
     try:
-        bundle = install_file(model, part, folder, progress, how=f"repux models pull {model.name}", force=force)
+        how = how or f"repux models pull {model.name}"
+        bundle = install_file(model, part, folder, progress, how=how, force=force, labels=labels, downloaded=True)
     except (BundleError, DownloadError):
         part.unlink(missing_ok=True)  # complete but unusable: the next attempt must fetch it anew
         raise
@@ -79,12 +89,22 @@ def check_file(model: PublishedModel, path: Path, what: str) -> str:
 
 
 def install_file(
-    model: PublishedModel, path: Path, folder: Path, progress: Progress, how: str, force: bool = False
+    model: PublishedModel,
+    path: Path,
+    folder: Path,
+    progress: Progress,
+    how: str,
+    force: bool = False,
+    labels: str | None = None,
+    downloaded: bool = False,
 ) -> Path:
-    """Check the checkpoint file ``path`` and import it as ``folder/NAME`` (atomically)."""
+    """Check the checkpoint file ``path`` and import it as ``folder/NAME`` (atomically).
+
+    ``labels``: a label preset instead of the registry's; ``how``: the command, for provenance.
+    """
     check_importable(model)
     path = Path(path)
-    what = f"the downloaded file {path}" if how.startswith("repux models pull") else str(path)
+    what = f"the downloaded file {path}" if downloaded else str(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (expected the checkpoint of model {model.name})")
     progress.stage(f"check {model.name}")
@@ -99,7 +119,7 @@ def install_file(
         return import_checkpoint(
             path,
             model.architecture,
-            label_preset(model.labels),
+            label_preset(labels or model.labels),
             folder / model.name,
             spacing=preprocessing["spacing"],
             name=model.name,
@@ -113,6 +133,7 @@ def install_file(
                 "source": model.url,
                 "source_sha256": digest,
                 REGISTRY_KEY: model.name,
+                "label_preset": labels or model.labels,
                 "citation": model.citation,
             },
         )
