@@ -314,16 +314,8 @@ class RepUXLogic:
         Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the job.
         """
         model = self.catalog.published(name)
-        args = ["models", "pull", model.name, "--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
-        args += option_arguments({"timeout": timeout, "labels": labels})
-        job = RepuxJob(
-            args,
-            python=self.python,
-            finish=lambda: self.catalog.get(model.name),
-            progress=progress,
-            description=f"repux models pull {model.name}",
-        )
-        return job.wait() if wait else job
+        words = ["pull", model.name, *option_arguments({"timeout": timeout, "labels": labels})]
+        return self._models_job(words, model.name, wait, progress, f"repux models pull {model.name}")
 
     def import_model_file(
         self,
@@ -340,14 +332,17 @@ class RepUXLogic:
         :meth:`download_model`.
         """
         model = self.catalog.published(name)
-        args = ["models", "import", model.name, str(Path(path).expanduser().resolve())]
-        args += ["--models-dir", str(self.catalog.user_dir), "--progress", "jsonl", *option_arguments({"labels": labels})]
+        words = ["import", model.name, str(Path(path).expanduser().resolve()), *option_arguments({"labels": labels})]
+        description = f"repux models import {model.name} ({Path(path).name})"
+        return self._models_job(words, model.name, wait, progress, description)
+
+    def _models_job(
+        self, words: list[str], name: str, wait: bool, progress: Progress | None, description: str
+    ) -> "ModelEntry | RepuxJob":
+        """``repux models WORDS`` on the catalog's folder; its result is the catalog entry ``name``."""
+        args = ["models", *words, "--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
         job = RepuxJob(
-            args,
-            python=self.python,
-            finish=lambda: self.catalog.get(model.name),
-            progress=progress,
-            description=f"repux models import {model.name} ({Path(path).name})",
+            args, python=self.python, finish=lambda: self.catalog.get(name), progress=progress, description=description
         )
         return job.wait() if wait else job
 

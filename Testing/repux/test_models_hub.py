@@ -70,6 +70,7 @@ def site(tmp_path_factory) -> Site:
             "/unhashed.pth": Route(checkpoint),
             "/cut.pth": Route(checkpoint, CUT),
             "/page": Route(checkpoint, HTML),
+            "/disguised.pth": Route(b"\n<!DOCTYPE html><html>Sign in to continue</html>"),
             "/stall.pth": Route(checkpoint, STALL),
             "/slow.pth": Route(slow_body, SLOW),
             "/needs-code.pth": Route(published_checkpoint(network, {"hook": MakeDirectoryOnLoad(str(marker))})),
@@ -83,6 +84,7 @@ def site(tmp_path_factory) -> Site:
         registry_entry("unhashed", url("/unhashed.pth"), network),
         registry_entry("cut", url("/cut.pth"), network, sha256=digest),
         registry_entry("page", url("/page"), network),
+        registry_entry("disguised", url("/disguised.pth"), network),
         registry_entry("missing", url("/nothing-here.pth"), network),
         registry_entry("wrong-hash", url("/tiny.pth"), network, sha256="0" * 64),
         registry_entry("wrong-size", url("/tiny.pth"), network, size_bytes=len(checkpoint) + 7),
@@ -265,6 +267,10 @@ def test_a_cut_download_is_resumed_where_it_stopped(models, site, capsys):
         (
             "page",
             r"model page: http://127\.0\.0\.1:\d+/page answered with a web page \(text/html; charset=utf-8\), not the checkpoint",
+        ),
+        (
+            "disguised",
+            r"model disguised: http://127\.0\.0\.1:\d+/disguised\.pth sent a web page, not the checkpoint",
         ),
         (
             "missing",

@@ -106,7 +106,7 @@ def _list(args: argparse.Namespace, folder: Path) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     columns = ("name", "architecture", "modality", "state", "size", "source")
-    widths = {c: max(len(c), *(len(str(row[c])) for row in rows)) for c in columns}
+    widths = {c: max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns}
     print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
     for row in rows:
         print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())

@@ -35,6 +35,10 @@ class DownloadError(InputError):
     """A download that failed or brought something other than the checkpoint."""
 
 
+class WebPageError(DownloadError):
+    """A web page (quota, sign-in, confirmation) where the checkpoint was expected."""
+
+
 def default_timeout() -> float:
     text = os.environ.get(TIMEOUT_ENV)
     if not text:
@@ -57,8 +61,8 @@ def browser_advice(model: PublishedModel) -> str:
 
 def looks_like_web_page(head: bytes) -> bool:
     """True for the first bytes of an HTML/XML page (a quota, sign-in or confirmation page)."""
-    start = head.lstrip()[:64].lower()
-    return start.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body", b"<"))
+    # A checkpoint starts with "PK" (a zip, torch >= 1.6) or a pickle opcode, never with "<".
+    return head.lstrip()[:1] == b"<"
 
 
 def refuse_web_page(path: Path, model: PublishedModel, what: str) -> None:
@@ -66,7 +70,7 @@ def refuse_web_page(path: Path, model: PublishedModel, what: str) -> None:
     with open(path, "rb") as stream:
         head = stream.read(512)
     if looks_like_web_page(head):
-        raise DownloadError(
+        raise WebPageError(
             f"model {model.name}: {what} is a web page, not the checkpoint (a PyTorch .pth file was expected); "
             "file hosts show such pages for download quotas, sign-in or confirmation. " + browser_advice(model)
         )
@@ -120,7 +124,7 @@ def _download_http(model: PublishedModel, part: Path, progress: Progress, timeou
         if have and response.status != 206:
             have = 0  # the server ignored the Range request: the body is the whole file
         if "html" in response.headers.get("Content-Type", "").lower():
-            raise DownloadError(
+            raise WebPageError(
                 f"model {model.name}: {url} answered with a web page ({response.headers.get('Content-Type')}), "
                 "not the checkpoint (a PyTorch .pth file was expected). " + browser_advice(model)
             )
@@ -141,7 +145,7 @@ def _download_http(model: PublishedModel, part: Path, progress: Progress, timeou
                 if not chunk:
                     break
                 if done == 0 and looks_like_web_page(chunk[:512]):
-                    raise DownloadError(
+                    raise WebPageError(
                         f"model {model.name}: {url} sent a web page, not the checkpoint "
                         "(a PyTorch .pth file was expected). " + browser_advice(model)
                     )

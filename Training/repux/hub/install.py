@@ -21,7 +21,7 @@ from repux.bundle.errors import BundleError
 from repux.bundle.metadata import default_preprocessing
 from repux.bundle.presets import label_preset
 from repux.bundle.store import MODEL_JSON, SHIPPED_MODELS_DIR, load_bundle
-from repux.hub.download import DownloadError, browser_advice, download, refuse_web_page
+from repux.hub.download import DownloadError, WebPageError, browser_advice, download, refuse_web_page
 from repux.hub.folders import partial_download_path
 from repux.hub.registry import PublishedModel
 from repux.progress import Progress
@@ -59,7 +59,11 @@ def pull(
         )
         return target
     part = partial_download_path(folder, model.name)
-    download(model, part, progress, timeout)
+    try:
+        download(model, part, progress, timeout)
+    except WebPageError:
+        part.unlink(missing_ok=True)  # nothing of the checkpoint to resume
+        raise
     try:
         how = how or f"repux models pull {model.name}"
         bundle = install_file(model, part, folder, progress, how=how, force=force, labels=labels, downloaded=True)
@@ -126,7 +130,7 @@ def install_file(
             description=f"{model.title}. {model.label_note}".strip(),
             command=how,
             force=force,
-            expected_network={key: value for key, value in model.network.items() if key != "a"},
+            expected_network=model.weights_network,
             preprocessing=preprocessing,
             inference={"overlap": model.preprocessing["overlap"], "sw_batch_size": 4, "blend": "constant"},
             provenance={
@@ -181,7 +185,7 @@ def verify(name: str, folder: Path, model: PublishedModel | None) -> list[str]:
     ]
     provenance = bundle.metadata.provenance
     if model is not None and provenance.get(REGISTRY_KEY) == model.name:
-        expected = {key: value for key, value in model.network.items() if key != "a"}
+        expected = model.weights_network
         network = {key: bundle.metadata.network.get(key) for key in expected}
         if network != expected:
             raise BundleError(f"model {name}: the bundle's network {network} is not the registry's {expected}")

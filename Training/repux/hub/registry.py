@@ -90,6 +90,11 @@ class PublishedModel:
     not_importable_reason: str = ""
 
     @property
+    def weights_network(self) -> dict[str, Any]:
+        """The constructor arguments the weights determine: all but the prior's ``a`` (not stored)."""
+        return {key: value for key, value in self.network.items() if key != "a"}
+
+    @property
     def size_text(self) -> str:
         """The download size for people ("1.2 GB", or "size unknown")."""
         return format_size(self.size_bytes)
