@@ -97,6 +97,10 @@ class CheckpointServer:
                     return
                 self.wfile.write(body)
 
+            def do_CONNECT(self) -> None:  # noqa: N802 - as an HTTPS proxy: record the tunnel asked for, refuse it
+                server_state.requests.append((f"CONNECT {self.path}", None))
+                self.send_error(403, "Forbidden by the test proxy")
+
             def _headers(self, status: int, content_type: str, length: int, extra: dict | None = None) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)

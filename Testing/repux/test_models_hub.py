@@ -309,6 +309,32 @@ def test_the_proxy_variables_users_set_are_used(models, site, capsys, monkeypatc
     assert load_bundle(models / "proxied").metadata.provenance["source"] == "http://checkpoints.invalid/tiny.pth"
 
 
+@pytest.mark.parametrize("name, kind", [("uxnet-flare", "file"), ("repuxnet-amos", "folder")])
+def test_google_drive_goes_through_gdown_and_its_failure_is_refused_with_the_way_round_it(
+    tmp_path, monkeypatch, capsys, name, kind
+):
+    """The shipped registry's Drive links, through a loopback HTTPS proxy that refuses every
+    tunnel: gdown really asks for drive.google.com, and nothing leaves this machine."""
+    proxy = CheckpointServer()
+    try:
+        monkeypatch.setenv(MODELS_DIR_ENV, str(tmp_path / "models"))
+        monkeypatch.delenv(REGISTRY_ENV, raising=False)
+        for variable in ("https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(variable, proxy.base_url)
+        for variable in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(variable, raising=False)
+        code, _, err = models_cli(capsys, "pull", name, "--progress", "none")
+    finally:
+        proxy.close()
+    assert code == 2
+    assert proxy.requests and all(request == ("CONNECT drive.google.com:443", None) for request in proxy.requests)
+    assert f"model {name}: the download from Google Drive failed (" in err, err
+    registry_url = load_registry(SHIPPED_REGISTRY).get(name).url
+    assert f"Download it in a web browser from {registry_url}" in err
+    assert f"then run: repux models import {name} DOWNLOADED_FILE" in err
+    assert_nothing_installed(tmp_path / "models", name)
+
+
 def test_a_stalled_server_times_out_and_keeps_the_part(models, site, capsys):
     start = time.monotonic()
     code, _, err = models_cli(capsys, "pull", "stall", "--timeout", "1", "--progress", "none")

@@ -208,6 +208,6 @@ def _download_google_drive(model: PublishedModel, part: Path, progress: Progress
     except (gdown.exceptions.FileURLRetrievalError, gdown.exceptions.DownloadError, OSError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise DownloadError(
-            f"model {model.name}: Google Drive refused the download ({first_line}). " + browser_advice(model)
+            f"model {model.name}: the download from Google Drive failed ({first_line}). " + browser_advice(model)
         ) from None
     return part
