@@ -6,8 +6,9 @@ rules below hold for any patient lying in a scanner, whatever the image orientat
 are checked in patient RAS coordinates): the liver lies mostly on the patient's right and is
 larger than the spleen, the spleen on the left, kidneys on both sides towards the back,
 the pancreas in front of the kidneys between spleen and liver, the stomach left of the
-liver, and so on for the organs a model has. When rules fail, every pair of labels is
-tried swapped; a pair whose swap makes every rule hold is reported as "looks swapped".
+liver and in front of the spleen, and so on for the organs a model has. When rules fail,
+every pair of labels named in a failed rule is tried swapped; a pair whose swap makes every
+rule hold is reported as "looks swapped".
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ RULES: tuple[Rule, ...] = (
         lambda o, b: _x(o["spleen"]) < _x(o["pancreas"]) < _x(o["liver"]),
     ),
     Rule("stomach is left of the liver", ("stomach", "liver"), lambda o, b: _x(o["stomach"]) < _x(o["liver"])),
+    Rule("stomach lies in front of the spleen", ("stomach", "spleen"), lambda o, b: _y(o["stomach"]) > _y(o["spleen"])),
     Rule("gallbladder lies on the patient's right", ("gallbladder",), lambda o, b: o["gallbladder"].right_share > 0.5),
     Rule(
         "inferior vena cava is right of the aorta",
@@ -186,15 +188,18 @@ def _with_kidneys(organs: dict[str, Place]) -> dict[str, Place]:
     return {**organs, "kidneys": Place(voxels, sum(k.volume_ml for k in kidneys), centroid, right)}
 
 
-def _evaluate(organs: dict[str, Place], body: np.ndarray) -> list[tuple[str, bool]]:
+def _evaluate(organs: dict[str, Place], body: np.ndarray) -> list[tuple[Rule, bool]]:
     organs = _with_kidneys(organs)
-    return [
-        (rule.text, bool(rule.holds(organs, body))) for rule in RULES if all(name in organs for name in rule.organs)
-    ]
+    return [(rule, bool(rule.holds(organs, body))) for rule in RULES if all(name in organs for name in rule.organs)]
 
 
 def check_labels(labels: Volume, label_list: Sequence[Label], ct: Volume) -> LabelCheck:
-    """Check a segmentation ``labels`` of ``ct`` (same grid) made with ``label_list``."""
+    """Check a segmentation ``labels`` of ``ct`` (same grid) made with ``label_list``.
+
+    A pair of labels is reported as swapped when both take part in a failed rule and
+    exchanging their names makes every rule hold (an organ no failed rule mentions is never
+    suspected: exchanging it with one that is would often satisfy the rules by accident).
+    """
     organs, body = places(labels, label_list, ct)
     organs = {name: place for name, place in organs.items() if place.volume_ml >= MIN_ORGAN_ML}
     known = {name for rule in RULES for name in rule.organs} | set(KIDNEYS)
@@ -203,12 +208,15 @@ def check_labels(labels: Volume, label_list: Sequence[Label], ct: Volume) -> Lab
         for label in label_list
         if label.value != 0 and label.name.lower() in known and label.name.lower() not in organs
     ]
-    results = _evaluate(organs, body)
-    check = LabelCheck(results, missing)
+    evaluated = _evaluate(organs, body)
+    check = LabelCheck([(rule.text, ok) for rule, ok in evaluated], missing)
     if check.consistent:
         return check
+    suspects = {name for rule, ok in evaluated if not ok for name in rule.organs}
+    if "kidneys" in suspects:
+        suspects |= set(KIDNEYS)
     by_name = {label.name.lower(): label for label in label_list}
-    for a, b in itertools.combinations(sorted(organs), 2):
+    for a, b in itertools.combinations(sorted(suspects & set(organs)), 2):
         swapped = dict(organs)
         swapped[a], swapped[b] = organs[b], organs[a]
         if all(ok for _, ok in _evaluate(swapped, body)):
