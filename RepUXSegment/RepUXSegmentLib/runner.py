@@ -47,6 +47,12 @@ TERMINATE_GRACE_S = 10.0
 LOG_LINES = 400
 
 
+#: The module's running jobs by kind ("segment", "retrain", ...). Kept here, in a module that
+#: Slicer's "Reload" of the scripted module does not re-import, so that a retrain started
+#: before a reload is found and shown again by the new widget.
+background_jobs: dict[str, "ProcessJob"] = {}
+
+
 class JobError(RuntimeError):
     """A job that failed; the message is the job's own error text (e.g. ``repux segment: error: ...``)."""
 

@@ -174,6 +174,11 @@ def reference_geometry(
     return geometry
 
 
+def reference_volume(segmentation_node: "slicer.vtkMRMLSegmentationNode"):
+    """The volume node the segmentation was made on (its reference geometry), or None."""
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
 def source_volume(
     segmentation_node: "slicer.vtkMRMLSegmentationNode", volume_node=None, tol: float = 1e-3
 ) -> "slicer.vtkMRMLScalarVolumeNode":
@@ -187,7 +192,7 @@ def source_volume(
     Raises:
         InputError: another volume than the segmentation's (both named), or no volume at all.
     """
-    reference = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    reference = reference_volume(segmentation_node)
     name = segmentation_node.GetName()
     if volume_node is None:
         if reference is None:
