@@ -219,17 +219,20 @@ class RepUXLogic:
     # -- curation and training ----------------------------------------------------------
     def add_case(
         self,
-        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        volume_node: "slicer.vtkMRMLScalarVolumeNode | None",
         segmentation_node: "slicer.vtkMRMLSegmentationNode",
         training_set_dir: str | os.PathLike,
         model: "str | os.PathLike | ModelEntry",
     ) -> str:
-        """Add the volume and its (corrected) segmentation to a training set; return the case id.
+        """Add the segmentation and the CT it was made on to a training set; return the case id.
 
-        See :mod:`.trainingset` for the layout. Refuses segments whose names ``model`` does
-        not know; never overwrites a case.
+        ``volume_node``: None for the segmentation's own reference volume; a volume given
+        must be that one (see :func:`.segmentations.source_volume`). See :mod:`.trainingset`
+        for the layout. Refuses segments whose names ``model`` does not know; never
+        overwrites a case.
         """
         entry = self.catalog.get(model)
+        volume_node = segmentations.source_volume(segmentation_node, volume_node)
         return trainingset.add_case(volume_node, segmentation_node, training_set_dir, entry.labels, entry.name)
 
     def retrain(
