@@ -46,82 +46,60 @@ class Rule:
     holds: Callable[[dict[str, Place], np.ndarray], bool]
 
 
-def _x(p: Place) -> float:  # RAS x grows to the patient's right
-    return float(p.centroid[0])
+def _axis_rule(text: str, first: str, second: str, axis: int) -> Rule:
+    """``first``'s centroid beyond ``second``'s along RAS ``axis`` (0 right, 1 anterior, 2 superior)."""
+    return Rule(text, (first, second), lambda o, b: o[first].centroid[axis] > o[second].centroid[axis])
 
 
-def _y(p: Place) -> float:  # anterior
-    return float(p.centroid[1])
+def _right_of(first: str, second: str, text: str = "") -> Rule:
+    return _axis_rule(text or f"{first} is right of the {second}", first, second, 0)
 
 
-def _z(p: Place) -> float:  # superior
-    return float(p.centroid[2])
+def _in_front_of(first: str, second: str) -> Rule:
+    return _axis_rule(f"{first} lies in front of the {second}", first, second, 1)
+
+
+def _above(first: str, second: str, text: str = "") -> Rule:
+    return _axis_rule(text or f"{first} lies above the {second}", first, second, 2)
+
+
+def _side(organ: str, right: bool, text: str = "") -> Rule:
+    """Most of ``organ``'s voxels on the patient's right (or left) of the body's midline."""
+    side = "right" if right else "left"
+    check = (lambda o, b: o[organ].right_share > 0.5) if right else (lambda o, b: o[organ].right_share < 0.5)
+    return Rule(text or f"{organ} lies on the patient's {side}", (organ,), check)
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("liver lies mostly on the patient's right", ("liver",), lambda o, b: o["liver"].right_share > 0.5),
-    Rule("spleen lies on the patient's left", ("spleen",), lambda o, b: o["spleen"].right_share < 0.5),
-    Rule("liver is right of the spleen", ("liver", "spleen"), lambda o, b: _x(o["liver"]) > _x(o["spleen"])),
+    _side("liver", True, "liver lies mostly on the patient's right"),
+    _side("spleen", False),
+    _right_of("liver", "spleen"),
     Rule("liver is larger than the spleen", ("liver", "spleen"), lambda o, b: o["liver"].voxels > o["spleen"].voxels),
     Rule("kidneys lie on both sides", ("kidney",), lambda o, b: 0.2 < o["kidney"].right_share < 0.8),
-    Rule("kidneys lie in the back half of the body", ("kidney",), lambda o, b: _y(o["kidney"]) < b[1]),
-    Rule(
-        "right kidney lies on the patient's right", ("right kidney",), lambda o, b: o["right kidney"].right_share > 0.5
-    ),
-    Rule("left kidney lies on the patient's left", ("left kidney",), lambda o, b: o["left kidney"].right_share < 0.5),
-    Rule(
-        "right kidney is right of the left kidney",
-        ("right kidney", "left kidney"),
-        lambda o, b: _x(o["right kidney"]) > _x(o["left kidney"]),
-    ),
+    Rule("kidneys lie in the back half of the body", ("kidney",), lambda o, b: o["kidney"].centroid[1] < b[1]),
+    _side("right kidney", True),
+    _side("left kidney", False),
+    _right_of("right kidney", "left kidney"),
     Rule(
         "right and left kidney lie in the back half",
         ("right kidney", "left kidney"),
-        lambda o, b: max(_y(o["right kidney"]), _y(o["left kidney"])) < b[1],
+        lambda o, b: max(o["right kidney"].centroid[1], o["left kidney"].centroid[1]) < b[1],
     ),
-    Rule(
-        "pancreas lies in front of the kidneys",
-        ("pancreas", "kidneys"),
-        lambda o, b: _y(o["pancreas"]) > _y(o["kidneys"]),
-    ),
+    _in_front_of("pancreas", "kidneys"),
     Rule(
         "pancreas lies between spleen and liver",
         ("pancreas", "spleen", "liver"),
-        lambda o, b: _x(o["spleen"]) < _x(o["pancreas"]) < _x(o["liver"]),
+        lambda o, b: o["spleen"].centroid[0] < o["pancreas"].centroid[0] < o["liver"].centroid[0],
     ),
-    Rule("stomach is left of the liver", ("stomach", "liver"), lambda o, b: _x(o["stomach"]) < _x(o["liver"])),
-    Rule("stomach lies in front of the spleen", ("stomach", "spleen"), lambda o, b: _y(o["stomach"]) > _y(o["spleen"])),
-    Rule("gallbladder lies on the patient's right", ("gallbladder",), lambda o, b: o["gallbladder"].right_share > 0.5),
-    Rule(
-        "inferior vena cava is right of the aorta",
-        ("inferior vena cava", "aorta"),
-        lambda o, b: _x(o["inferior vena cava"]) > _x(o["aorta"]),
-    ),
-    Rule(
-        "right adrenal gland is right of the left one",
-        ("right adrenal gland", "left adrenal gland"),
-        lambda o, b: _x(o["right adrenal gland"]) > _x(o["left adrenal gland"]),
-    ),
-    Rule(
-        "esophagus lies above the pancreas",
-        ("esophagus", "pancreas"),
-        lambda o, b: _z(o["esophagus"]) > _z(o["pancreas"]),
-    ),
-    Rule(
-        "duodenum is right of the pancreas' centre",
-        ("duodenum", "pancreas"),
-        lambda o, b: _x(o["duodenum"]) > _x(o["pancreas"]),
-    ),
-    Rule(
-        "urinary bladder lies below the kidneys",
-        ("urinary bladder", "kidneys"),
-        lambda o, b: _z(o["urinary bladder"]) < _z(o["kidneys"]),
-    ),
-    Rule(
-        "prostate/uterus lies below the kidneys",
-        ("prostate/uterus", "kidneys"),
-        lambda o, b: _z(o["prostate/uterus"]) < _z(o["kidneys"]),
-    ),
+    _right_of("liver", "stomach", "stomach is left of the liver"),
+    _in_front_of("stomach", "spleen"),
+    _side("gallbladder", True),
+    _right_of("inferior vena cava", "aorta"),
+    _right_of("right adrenal gland", "left adrenal gland"),
+    _above("esophagus", "pancreas"),
+    _right_of("duodenum", "pancreas", "duodenum is right of the pancreas' centre"),
+    _above("kidneys", "urinary bladder", "urinary bladder lies below the kidneys"),
+    _above("kidneys", "prostate/uterus", "prostate/uterus lies below the kidneys"),
 )
 
 
