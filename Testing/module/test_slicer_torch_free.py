@@ -58,3 +58,14 @@ print(segmentation.GetSegmentation().GetNumberOfSegments())
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "4"
     assert (tmp_path / "out.nrrd").is_file()
+
+
+def test_the_published_models_are_listed_without_torch(tmp_path):
+    result = run_without_torch(
+        "from RepUXSegmentLib.catalog import ModelCatalog\n"
+        f"catalog = ModelCatalog(user_dir={str(tmp_path)!r})\n"
+        "for model in catalog.available(): print(f'{model.name}: {model.size_text}')\n"
+    )
+    assert result.returncode == 0, result.stderr
+    # The downloadable ones of the shipped registry (uxnet-feta is listed for reference only).
+    assert result.stdout.splitlines() == [f"{name}: size unknown" for name in ("repuxnet-amos", "uxnet-flare", "uxnet-amos")]

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "train": "train",
     "import-checkpoint": "import_checkpoint",
+    "models": "models",
     "make-phantoms": "make_phantoms",
     "demo": "demo",
     "bench": "bench",
