@@ -159,6 +159,8 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._folderTimer = None
         self._logShown = {}
         self._afterInstall = None
+        self._installed = {}  # name -> installed model entry (from refreshModels)
+        self._published = {}  # name -> published model not installed yet (from refreshModels)
         self._installing = False  # guards the (modal, event-processing) install dialogs against re-entry
 
     def setup(self) -> None:
@@ -190,6 +192,7 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.downloadModelButton.connect("clicked(bool)", self.onDownloadModel)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.editButton.connect("clicked(bool)", self.onEdit)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
@@ -267,8 +270,11 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return runner.background_jobs.get(kind)
 
     def selectedModelEntry(self):
-        name = self.ui.modelComboBox.currentData
-        return self.logic.modelEntry(name) if name else None
+        return self._installed.get(self.ui.modelComboBox.currentData)
+
+    def selectedPublishedModel(self):
+        """The selected model if it is a published one that is not installed yet, else None."""
+        return self._published.get(self.ui.modelComboBox.currentData)
 
     def updateButtons(self) -> None:
         node = self._parameterNode
@@ -281,6 +287,8 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             not installing and node is not None and node.inputVolume is not None and hasModel
         )
         self.ui.importModelButton.enabled = not installing and modelJob is None
+        self.ui.downloadModelButton.visible = self.selectedPublishedModel() is not None
+        self.ui.downloadModelButton.enabled = not installing and modelJob is None
         self.ui.editButton.enabled = hasResult
         self.ui.exportButton.enabled = hasResult
         sourceVolume = hasResult and (reference_volume(node.outputSegmentation) or node.inputVolume) is not None
@@ -299,8 +307,13 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         current = select or (self._parameterNode.model if self._parameterNode else combo.currentData)
         wasBlocked = combo.blockSignals(True)
         combo.clear()
-        for entry in self.logic.models():
+        # Kept for the buttons and the card, which are updated on every poll of a job.
+        self._installed = {entry.name: entry for entry in self.logic.models()}
+        for entry in self._installed.values():
             combo.addItem(entry.name if entry.source == "shipped" else f"{entry.name} (yours)", entry.name)
+        self._published = {model.name: model for model in self.logic.availableModels()}
+        for published in self._published.values():
+            combo.addItem(_("{name} (download, {size})").format(name=published.name, size=published.size_text), published.name)
         if current and combo.findData(current) < 0:
             combo.addItem(_("{name} (not installed)").format(name=current), current)
         index = combo.findData(current)
@@ -313,8 +326,14 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, index: Optional[int] = None) -> None:
         name = self.ui.modelComboBox.currentData
         entry = self.selectedModelEntry()
+        published = self.selectedPublishedModel()
         if entry is not None:
             self.ui.modelCardLabel.text = entry.card_text()
+        elif published is not None:
+            self.ui.modelCardLabel.text = published.card_text() + "\n\n" + _(
+                "Not installed yet: click Download, or, on a computer without internet access, download the file "
+                "in a web browser elsewhere and use Import... > Downloaded file."
+            )
         elif name:
             self.ui.modelCardLabel.text = _(
                 "Model {name} is not in the model folder {folder}. Choose another model, or import it with Import..."
@@ -349,9 +368,23 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         choice.setText(_("Import a model bundle folder (model.json + model.safetensors) or a published .pth checkpoint?"))
         bundleButton = choice.addButton(_("Bundle folder..."), qt.QMessageBox.AcceptRole)
         checkpointButton = choice.addButton(_("Checkpoint (.pth)..."), qt.QMessageBox.AcceptRole)
+        published = self.selectedPublishedModel()
+        downloadedButton = None
+        if published is not None:
+            downloadedButton = choice.addButton(
+                _("Downloaded file of {name}...").format(name=published.name), qt.QMessageBox.AcceptRole
+            )
         choice.addButton(qt.QMessageBox.Cancel)
         choice.exec_()
-        if choice.clickedButton() == bundleButton:
+        if downloadedButton is not None and choice.clickedButton() == downloadedButton:
+            path = qt.QFileDialog.getOpenFileName(
+                slicer.util.mainWindow(), _("The file you downloaded for {name}").format(name=published.name)
+            )
+            if path:
+                self.whenDependenciesReady(
+                    lambda: self.startJob("model", lambda: self.logic.importModelFile(published.name, path))
+                )
+        elif choice.clickedButton() == bundleButton:
             folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Model bundle folder"))
             if folder:
                 with slicer.util.tryWithErrorDisplay(_("Failed to import the model."), waitCursor=True):
@@ -359,6 +392,18 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.refreshModels(select=entry.name)
         elif choice.clickedButton() == checkpointButton:
             self.importCheckpoint()
+
+    def onDownloadModel(self) -> None:
+        published = self.selectedPublishedModel()
+        if published is None or not slicer.util.confirmOkCancelDisplay(
+            _("Download {name} ({size}) from\n{url}\ninto {folder}?\n\nThe file is checked and converted once; "
+              "the model then works offline.").format(
+                name=published.name, size=published.size_text, url=published.url, folder=self.logic.modelsFolder()
+            ),
+            windowTitle=_("Download model"),
+        ):
+            return
+        self.whenDependenciesReady(lambda: self.startJob("model", lambda: self.logic.downloadModel(published.name)))
 
     def chooseItem(self, title: str, label: str, items: list) -> Optional[str]:
         """The item the user picks, or None on Cancel (QInputDialog.getItem returns the
@@ -717,6 +762,18 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
 
     def importBundle(self, folder, name=None):
         return self.repux().import_bundle(folder, name)
+
+    def availableModels(self) -> list:
+        """Published models that can be downloaded and are not installed yet (the registry's)."""
+        return self.repux().catalog.available()
+
+    def downloadModel(self, name, wait=False, **options):
+        """See ``RepUXLogic.download_model``: the running job (``wait=False``) or the new entry."""
+        return self.repux().download_model(name, wait=wait, **options)
+
+    def importModelFile(self, name, path, wait=False, **options):
+        """See ``RepUXLogic.import_model_file``: install a file of a published model downloaded by hand."""
+        return self.repux().import_model_file(name, path, wait=wait, **options)
 
     def importCheckpoint(self, path, name, arch, labels, wait=True, **options):
         """See ``RepUXLogic.import_checkpoint``: the new catalog entry, or the running job."""
