@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import queue
 import shutil
@@ -127,20 +128,30 @@ def _hidden_process_options() -> dict[str, Any]:
     return {"startupinfo": startup, "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (a job's record may hold anything: it is input)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def describe_progress(record: dict[str, Any]) -> str:
     """One line for a progress record: stage, count, loss, validation Dice, time left.
 
-    e.g. ``train · 120/200 · loss 0.4120 · validation Dice 0.831 · 35 s left``.
+    e.g. ``train · 120/200 · loss 0.4120 · validation Dice 0.831 · 35 s left``. Fields that
+    are missing or not finite numbers are left out.
     """
     parts = [str(record.get("stage") or "")]
-    if record.get("total"):
-        parts.append(f"{record.get('done', 0)}/{record['total']}")
-    if isinstance(record.get("loss"), (int, float)):
-        parts.append(f"loss {float(record['loss']):.4f}")
-    if isinstance(record.get("dice"), (int, float)):
-        parts.append(f"validation Dice {float(record['dice']):.3f}")
-    if isinstance(record.get("eta"), (int, float)):
-        parts.append(f"{int(round(record['eta']))} s left")
+    done, total = _number(record.get("done")), _number(record.get("total"))
+    if total:
+        parts.append(f"{int(done or 0)}/{int(total)}")
+    loss, dice, eta = (_number(record.get(key)) for key in ("loss", "dice", "eta"))
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if dice is not None:
+        parts.append(f"validation Dice {dice:.3f}")
+    if eta is not None:
+        parts.append(f"{int(round(eta))} s left")
     return " · ".join(part for part in parts if part)
 
 
@@ -223,7 +234,7 @@ class ProcessJob:
         if name == "out" and line.startswith("{"):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not a record: a line of the log
                 record = None
         if not isinstance(record, dict):
             if line.strip():
@@ -234,8 +245,8 @@ class ProcessJob:
             self.log.append(str(record["message"]))
             if record.get("stage") == "warning":
                 self.warnings.append(str(record["message"]))
-        if "done" in record:
-            self.latest = record
+        if _number(record.get("done")) is not None and (record.get("total") is None or _number(record.get("total"))):
+            self.latest = record  # only a record with a count a progress bar can show
         if self._progress is not None:
             self._progress(record)
 
@@ -256,9 +267,9 @@ class ProcessJob:
     @property
     def fraction(self) -> float | None:
         """Share of the current stage done (0..1), or None while unknown."""
-        if not self.latest or not self.latest.get("total"):
+        if not self.latest or not _number(self.latest.get("total")):
             return None
-        return min(1.0, max(0.0, float(self.latest.get("done") or 0) / float(self.latest["total"])))
+        return min(1.0, max(0.0, float(self.latest["done"]) / float(self.latest["total"])))
 
     def poll(self) -> bool:
         """Deliver pending output; finish the job if its process has ended. True while running.
