@@ -75,6 +75,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_replacing_working_folder(path: str | os.PathLike) -> Path:
+    """``path`` resolved; refused when it is the current folder or a folder above it.
+
+    Replacing a folder moves it aside and deletes it: the process (and the user's shell)
+    would be left standing in a deleted folder.
+
+    Raises:
+        FileExistsError: naming the folder and why.
+    """
+    resolved = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FileExistsError(
+            f"{path}: is the current folder or holds it ({resolved}); refusing to replace it, even with --force"
+        )
+    return resolved
+
+
 def write_json(data: Any, path: str | os.PathLike, overwrite: bool = True) -> Path:
     """Write ``data`` as indented UTF-8 JSON, atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
