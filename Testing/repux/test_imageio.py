@@ -124,3 +124,62 @@ def test_truncated_compressed_nifti_is_refused(tmp_path: Path) -> None:
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(VolumeError, match=r"cut.nii.gz.*truncated"):
         read_volume(truncated)
+
+
+def _patched_nifti(tmp_path: Path, name: str, patches: dict[int, bytes], array: np.ndarray | None = None) -> Path:
+    """A NIfTI-1 file written by ITK, then with header bytes replaced at the given offsets."""
+    import gzip
+
+    volume = _oblique_volume(np.random.default_rng(6))
+    if array is not None:
+        volume = volume.with_array(array)
+    plain = write_volume(volume, tmp_path / f"plain-{name.replace('.', '-')}.nii")
+    data = bytearray(plain.read_bytes())
+    for offset, value in patches.items():
+        data[offset : offset + len(value)] = value
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+    return path
+
+
+def test_nifti_without_qform_and_sform_is_refused(tmp_path: Path) -> None:
+    """Both codes 0: ITK (and Slicer) take LPS axes at the origin, nibabel Analyze's flipped x axis,
+    centred: no answer agrees with every common reader, so the file is refused."""
+    import struct
+
+    for name in ("nocodes.nii", "nocodes.nii.gz"):
+        path = _patched_nifti(tmp_path, name, {252: struct.pack("<hh", 0, 0)})
+        with pytest.raises(VolumeError, match=rf"{name}.*qform_code and sform_code are both 0"):
+            read_volume(path)
+    # One code set is enough.
+    assert read_volume(_patched_nifti(tmp_path, "qform.nii", {252: struct.pack("<hh", 1, 0)})).shape == (7, 5, 4)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.9])
+def test_nifti_with_zero_or_negative_pixdim_is_refused(tmp_path: Path, value: float) -> None:
+    import struct
+
+    path = _patched_nifti(tmp_path, "pixdim.nii", {80 + 4: struct.pack("<f", value)})
+    with pytest.raises(VolumeError, match=rf"pixdim.nii.*pixdim\[2\] is {value:g}.*positive"):
+        read_volume(path)
+
+
+def test_negative_spacing_in_metaimage_and_nrrd_is_refused(tmp_path: Path) -> None:
+    volume = _oblique_volume(np.random.default_rng(7))
+    mha = write_volume(Volume(volume.array, (1.5, 2.0, 2.5), (0.0, 0.0, 0.0)), tmp_path / "good.mha")
+    text = mha.read_bytes()
+    assert b"ElementSpacing = 1.5 2 2.5\n" in text
+    bad = tmp_path / "negative.mha"
+    bad.write_bytes(text.replace(b"ElementSpacing = 1.5 2 2.5\n", b"ElementSpacing = 1.5 -2 2.5\n"))
+    with pytest.raises(VolumeError, match=r"negative.mha.*ElementSpacing.*-2.*positive"):
+        read_volume(bad)
+    zero = tmp_path / "zero.mha"
+    zero.write_bytes(text.replace(b"ElementSpacing = 1.5 2 2.5\n", b"ElementSpacing = 1.5 0 2.5\n"))
+    with pytest.raises(VolumeError, match=r"zero.mha.*ElementSpacing.*positive"):
+        read_volume(zero)
+    nrrd = tmp_path / "spacings.nrrd"
+    header = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nspacings: 1 -1 1\nencoding: raw\nendian: little\n\n"
+    nrrd.write_bytes(header + bytes(16))
+    with pytest.raises(VolumeError, match=r"spacings.nrrd.*spacings.*-1.*positive"):
+        read_volume(nrrd)
+

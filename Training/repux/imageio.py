@@ -10,6 +10,7 @@ ITK's, the same as 3D Slicer's.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -111,41 +112,188 @@ def _from_sitk(image: sitk.Image, source: str) -> Volume:
         raise VolumeError(f"{source}: is {image.GetDimension()}-D with size {image.GetSize()}; expected a 3-D volume")
     if min(image.GetSize()) < 2:
         raise VolumeError(f"{source}: size {image.GetSize()} is a single slice thick; expected a 3-D volume")
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(size) and size > 0 for size in spacing):
+        raise VolumeError(f"{source}: voxel size {spacing} mm; expected positive voxel sizes")
     array = np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
     direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
     return Volume(array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), direction)
 
 
-def _nifti_truncation(path: Path) -> str | None:
-    """Why a NIfTI-1 file is shorter than its header says, or None when it is complete.
+@dataclass(frozen=True)
+class _NiftiHeader:
+    """What the checks need of a NIfTI-1 or NIfTI-2 header (sizes in voxels, pixdim in mm)."""
 
-    ITK reads a truncated NIfTI without complaint (missing voxels come back as zeros), so
-    the data length is checked here against the header: vox_offset + voxels * bitpix / 8.
+    endian: str
+    sizes: tuple[int, ...]
+    datatype: int
+    bitpix: int
+    pixdim: tuple[float, ...]
+    vox_offset: int
+    qform_code: int
+    sform_code: int
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(max(size, 1) for size in self.sizes) * max(self.bitpix, 0) // 8
+
+
+#: NIfTI datatype codes of floating voxels -> numpy type (without byte order).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+#: Byte layout: (header size, dim, pixdim, datatype/bitpix, vox_offset, qform/sform codes).
+_NIFTI_LAYOUTS = {
+    348: {"dim": (40, "8h"), "pixdim": (76, "8f"), "types": (70, "2h"), "offset": (108, "f"), "codes": (252, "2h")},
+    540: {"dim": (16, "8q"), "pixdim": (104, "8d"), "types": (12, "2h"), "offset": (168, "q"), "codes": (344, "2i")},
+}
+
+
+def _parse_nifti_header(header: bytes) -> _NiftiHeader | None:
+    """The header's fields, or None when ``header`` does not start a NIfTI-1/2 header."""
+    if len(header) < 4:
+        return None
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size in _NIFTI_LAYOUTS and len(header) >= size:
+            break
+    else:
+        return None
+    layout = _NIFTI_LAYOUTS[size]
+
+    def field(name: str) -> tuple:
+        offset, form = layout[name]
+        return struct.unpack_from(endian + form, header, offset)
+
+    dims = field("dim")
+    ndim = max(0, min(int(dims[0]), 7))
+    datatype, bitpix = field("types")
+    qform_code, sform_code = field("codes")
+    vox_offset = field("offset")[0]
+    return _NiftiHeader(
+        endian=endian,
+        sizes=tuple(int(d) for d in dims[1 : 1 + ndim]),
+        datatype=int(datatype),
+        bitpix=int(bitpix),
+        pixdim=tuple(float(v) for v in field("pixdim")),
+        vox_offset=int(vox_offset) if math.isfinite(vox_offset) and vox_offset >= 0 else 0,
+        qform_code=int(qform_code),
+        sform_code=int(sform_code),
+    )
+
+
+def _nifti_geometry_problem(header: _NiftiHeader) -> str | None:
+    """Why the header's geometry is not one that every common reader agrees on, or None."""
+    if header.qform_code == 0 and header.sform_code == 0:
+        # ITK (and so 3D Slicer) then takes LPS axes at the origin; nibabel takes Analyze's
+        # x-flipped axes centred on the volume: the answer depends on the reader.
+        return (
+            "qform_code and sform_code are both 0, so the file states no orientation and readers disagree on its "
+            "geometry (ITK and 3D Slicer: LPS axes at the origin; nibabel: flipped x axis, centred); expected a "
+            "qform or sform (re-save it with the orientation set)"
+        )
+    for axis in range(1, 1 + min(3, len(header.sizes))):
+        size = header.pixdim[axis]
+        if not (math.isfinite(size) and size > 0):
+            # ITK reads 0 as 1 mm and a negative size as a flip; other readers differ.
+            return f"pixdim[{axis}] is {size:g}; expected a positive voxel size in mm"
+    return None
+
+
+def _check_nifti(path: Path) -> None:
+    """Refuse a NIfTI file that ITK would read silently wrong.
+
+    ITK reads a truncated NIfTI without complaint (missing voxels come back as zeros), turns
+    NaN and Inf voxels into 0 and makes up a geometry when the header states none. So the
+    header is checked here, the data length against it (vox_offset + voxels * bitpix / 8),
+    and floating voxels for NaN/Inf, in one pass over the (decompressed) file.
+
+    Raises:
+        VolumeError: naming the file and what is wrong.
     """
     opener = gzip.open if path.name.lower().endswith(".gz") else open
+    refused = f"{path}: cannot be read as a medical volume"
     try:
         with opener(path, "rb") as stream:
-            header = stream.read(348)
-            if len(header) < 348:
-                return f"header is {len(header)} bytes; a NIfTI-1 header has 348"
-            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
-            if struct.unpack(endian + "i", header[:4])[0] != 348:
-                return None  # not NIfTI-1 (e.g. NIfTI-2): leave the verdict to ITK
-            dims = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            voxels = 1
-            for size in dims[1 : 1 + max(0, min(dims[0], 7))]:
-                voxels *= max(int(size), 1)
-            expected = vox_offset + voxels * bitpix // 8
-            length = 348
-            while chunk := stream.read(1 << 22):
-                length += len(chunk)
+            head = stream.read(540)
+            if len(head) < 348:
+                raise VolumeError(f"{refused}: truncated file (header is {len(head)} bytes; a NIfTI-1 header has 348)")
+            header = _parse_nifti_header(head)
+            if header is None:
+                return  # not NIfTI-1/2: leave the verdict to ITK
+            if why := _nifti_geometry_problem(header):
+                raise VolumeError(f"{path}: {why}")
+            length, non_finite = _scan_nifti_data(stream, head, header)
     except (EOFError, OSError, zlib.error) as error:
-        return f"compressed data is cut short ({error})"
+        raise VolumeError(f"{refused}: truncated file (compressed data is cut short: {error})") from None
+    expected = header.vox_offset + header.data_bytes
     if length < expected:
-        return f"holds {length} bytes; its header describes {expected}"
-    return None
+        raise VolumeError(f"{refused}: truncated file (holds {length} bytes; its header describes {expected})")
+    if non_finite:
+        voxels = header.data_bytes * 8 // max(header.bitpix, 1)
+        raise VolumeError(f"{path}: {non_finite} of {voxels} voxels are NaN or infinite; expected finite intensities")
+
+
+def _scan_nifti_data(stream, head: bytes, header: _NiftiHeader) -> tuple[int, int]:
+    """(bytes in the file, count of NaN/Inf voxels), reading the rest of ``stream`` chunk by chunk."""
+    kind = _NIFTI_FLOATS.get(header.datatype)
+    dtype = np.dtype(header.endian + kind) if kind else None
+    start, stop = header.vox_offset, header.vox_offset + header.data_bytes
+    length, non_finite, carry = 0, 0, b""
+    chunk = head
+    while chunk:
+        if dtype is not None:
+            # The part of this chunk inside the voxel data, whole voxels only (the rest carried over).
+            low, high = max(start - length, 0), max(min(stop - length, len(chunk)), 0)
+            if low < high:
+                data = carry + chunk[low:high]
+                whole = len(data) - len(data) % dtype.itemsize
+                non_finite += int(np.count_nonzero(~np.isfinite(np.frombuffer(data[:whole], dtype=dtype))))
+                carry = data[whole:]
+        length += len(chunk)
+        chunk = stream.read(1 << 22)
+    return length, non_finite
+
+
+def _text_header(path: Path, suffix: str) -> dict[str, str]:
+    """The key/value fields of a MetaImage or NRRD header (lower-case keys), read from its text start."""
+    with open(path, "rb") as stream:
+        text = stream.read(1 << 16).decode("latin-1")
+    fields: dict[str, str] = {}
+    separator = "=" if suffix in (".mha", ".mhd") else ":"
+    for line in text.splitlines()[1 if separator == ":" else 0 :]:
+        if separator == ":" and not line.strip():
+            break  # NRRD: a blank line ends the header
+        key, found, value = line.partition(separator)
+        if found and not key.startswith("#"):
+            fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+        if key.strip() == "ElementDataFile":
+            break
+    return fields
+
+
+def _check_text_header(path: Path, suffix: str) -> None:
+    """Refuse a MetaImage or NRRD header with a zero or negative voxel size.
+
+    ITK reads a negative ElementSpacing (or NRRD spacing) as a flip of that axis and a zero
+    one as 1 mm; other readers do not, so such files have no agreed geometry.
+    """
+    keys = ("elementspacing", "elementsize") if suffix in (".mha", ".mhd") else ("spacings",)
+    fields = _text_header(path, suffix)
+    for key in keys:
+        if key not in fields:
+            continue
+        for text in fields[key].split():
+            try:
+                size = float(text)
+            except ValueError:
+                raise VolumeError(f"{path}: header field {key} {fields[key]!r}: expected voxel sizes in mm") from None
+            if math.isnan(size) and suffix in (".nrrd", ".nhdr"):
+                continue  # NRRD: "nan" marks a non-spatial axis
+            if not (math.isfinite(size) and size > 0):
+                name = {"elementspacing": "ElementSpacing", "elementsize": "ElementSize"}.get(key, key)
+                raise VolumeError(
+                    f"{path}: {name} {fields[key]} has {text}; expected positive voxel sizes in mm "
+                    "(readers disagree on what a zero or negative size means)"
+                )
 
 
 def read_volume(path: str | os.PathLike) -> Volume:
@@ -168,8 +316,11 @@ def read_volume(path: str | os.PathLike) -> Volume:
             reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
             image = reader.Execute()
         else:
-            if volume_suffix(path) in (".nii", ".nii.gz") and (why := _nifti_truncation(path)):
-                raise VolumeError(f"{path}: cannot be read as a medical volume: truncated file ({why})")
+            suffix = volume_suffix(path)
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti(path)
+            elif suffix:
+                _check_text_header(path, suffix)
             image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
