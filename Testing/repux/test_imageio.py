@@ -183,3 +183,17 @@ def test_negative_spacing_in_metaimage_and_nrrd_is_refused(tmp_path: Path) -> No
     with pytest.raises(VolumeError, match=r"spacings.nrrd.*spacings.*-1.*positive"):
         read_volume(nrrd)
 
+
+
+@pytest.mark.parametrize("name", ["nan.nii", "nan.nii.gz", "nan.nrrd", "nan.mha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_are_refused_in_every_format(tmp_path: Path, name: str, bad: float) -> None:
+    """ITK's NIfTI reader turns NaN and Inf into 0: the file itself is checked."""
+    from repux.infer import check_image
+
+    volume = _oblique_volume(np.random.default_rng(8))
+    array = volume.array.astype(np.float32)
+    array[3, 2, 1] = bad
+    path = write_volume(volume.with_array(array), tmp_path / name)
+    with pytest.raises(InputError, match=rf"{name}.*1 of 140 voxels are NaN or infinite"):
+        check_image(read_volume(path), str(path))
