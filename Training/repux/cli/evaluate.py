@@ -74,6 +74,16 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
     return [(name, predictions[name], references[name]) for name in sorted(references)]
 
 
+def _refuse_table_over_inputs(args: argparse.Namespace) -> None:
+    from repux.paths import refuse_outputs_over_inputs
+
+    inputs = [Path(args.pred), Path(args.gt)]
+    if args.labels:
+        labels = Path(args.labels)
+        inputs += [p for p in labels.iterdir() if p.is_file()] if labels.is_dir() else [labels]
+    refuse_outputs_over_inputs({"score table": Path(args.output)}, inputs)
+
+
 def _json_value(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
@@ -91,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.output:
         require_suffix(args.output, TABLE_SUFFIXES, "--output")
+        _refuse_table_over_inputs(args)
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: already exists; refusing to overwrite it (use --force)")
     named = resolve_labels(args.labels)

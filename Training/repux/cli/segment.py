@@ -166,6 +166,25 @@ def _outputs(case: Case) -> list[Path]:
     return [p for p in (case.probabilities, case.labels) if p is not None]
 
 
+def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
+    """Refuse outputs that are inputs (CT images, the bundle's files) or that collide."""
+    from repux.paths import refuse_outputs_over_inputs
+
+    outputs: dict[str, Path] = {}
+    for case in cases:
+        outputs[f"label map of {case.name}"] = case.labels
+        if case.probabilities is not None:
+            outputs[f"probabilities of {case.name}"] = case.probabilities
+    if args.volumes:
+        outputs["volume table"] = Path(args.volumes)
+    if len(cases) == 1:  # one case: "the label map", "the probabilities"
+        outputs = {what.replace(f" of {cases[0].name}", ""): path for what, path in outputs.items()}
+    model = Path(args.model)
+    inputs = [case.image for case in cases if case.image.is_file()]
+    inputs += [p for p in model.iterdir() if p.is_file()] if model.is_dir() else []
+    refuse_outputs_over_inputs(outputs, inputs)
+
+
 def run(args: argparse.Namespace) -> int:
     from repux.progress import Progress
 
@@ -188,6 +207,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     )
 
     cases, single_file = plan_cases(args)
+    check_outputs(cases, args)
     if args.volumes:
         require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
         if Path(args.volumes).exists() and not args.force:
