@@ -82,3 +82,77 @@ def test_evaluate_table_that_is_the_labels_file_is_refused(ct, tmp_path, capsys)
     error = capsys.readouterr().err
     assert code == 2 and "is the input" in error, error
     assert labels.read_bytes() == before
+
+
+def _bundle_with_provenance(source: Path, target: Path, **provenance) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    metadata = json.loads((target / "model.json").read_text())
+    metadata["provenance"].update(provenance)
+    (target / "model.json").write_text(json.dumps(metadata))
+    return target
+
+
+def _records(text: str) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_ct_without_air_gets_a_warning_on_stderr_and_in_jsonl(bundle, tmp_path, capsys):
+    """A head CT windowed to soft tissue (no voxel near -1000 HU) is not what an abdominal model saw."""
+    image, _ = make_phantom(7, shape=(41, 37, 23), spacing=(6.0, 6.0, 8.0))
+    no_air = write_volume(image.with_array(np.clip(image.array, -30, 385)), tmp_path / "head.nii.gz")
+    assert segment(no_air, "-o", tmp_path / "a.nii.gz", "--model", bundle, "--progress", "none") == 0
+    error = capsys.readouterr().err
+    assert "warning:" in error and "head.nii.gz" in error and "-30" in error and "air" in error, error
+    assert segment(no_air, "-o", tmp_path / "b.nii.gz", "--model", bundle, "--progress", "jsonl") == 0
+    warnings = [r for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
+    assert len(warnings) == 1 and "air" in warnings[0]["message"] and warnings[0]["source"].endswith("head.nii.gz")
+    # A CT with air gets no warning.
+    assert segment(write_volume(image, tmp_path / "ok.nii.gz"), "-o", tmp_path / "c.nii.gz", "--model", bundle,
+                   "--progress", "jsonl") == 0  # fmt: skip
+    assert not [r for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
+
+
+def test_field_of_view_outside_the_training_range_is_warned_about(bundle, tmp_path, capsys):
+    """The CT covers 41 x 6, 37 x 6, 23 x 8 = 246 x 222 x 184 mm; a model trained on 355-466 mm wide scans warns."""
+    image, _ = make_phantom(7, shape=(41, 37, 23), spacing=(6.0, 6.0, 8.0), oblique=False, orientation="RAS")
+    ct = write_volume(image, tmp_path / "ras.nii.gz")
+    recorded = _bundle_with_provenance(
+        bundle, tmp_path / "recorded", training_extent_mm={"min": [355.0, 279.0, 247.0], "max": [466.0, 399.0, 346.0]}
+    )
+    assert segment(ct, "-o", tmp_path / "a.nii.gz", "--model", recorded, "--progress", "jsonl") == 0
+    warnings = [r["message"] for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
+    assert len(warnings) == 1 and "field of view 246 x 222 x 184 mm" in warnings[0], warnings
+    wide = _bundle_with_provenance(
+        bundle, tmp_path / "wide", training_extent_mm={"min": [200.0, 200.0, 150.0], "max": [400.0, 400.0, 300.0]}
+    )
+    assert segment(ct, "-o", tmp_path / "b.nii.gz", "--model", wide, "--progress", "jsonl") == 0
+    assert not [r for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
+
+
+def test_bad_training_extent_in_model_json_is_refused(bundle, tmp_path):
+    from repux.bundle import BundleError, load_bundle
+
+    broken = _bundle_with_provenance(bundle, tmp_path / "broken", training_extent_mm={"min": [1, 2], "max": "x"})
+    with pytest.raises(BundleError, match="training_extent_mm"):
+        load_bundle(broken)
+
+
+def test_demo_bundle_says_it_is_for_synthetic_phantoms_only(bundle, ct, tmp_path, capsys):
+    from repux.bundle import load_bundle
+
+    shipped = load_bundle("demo").metadata
+    assert shipped.synthetic_only
+    assert "synthetic phantoms only" in shipped.usage_warning and "not for real scans" in shipped.usage_warning
+    assert load_bundle(bundle).metadata.usage_warning is None
+
+    demo_like = _bundle_with_provenance(bundle, tmp_path / "demo-like", synthetic_only=True)
+    assert segment(ct, "-o", tmp_path / "a.nii.gz", "--model", demo_like, "--progress", "none") == 0
+    assert "warning:" in (error := capsys.readouterr().err) and "synthetic phantoms only" in error, error
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--model", str(demo_like), "--progress", "jsonl"]) == 0
+    warnings = [r for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
+    assert warnings and "synthetic phantoms only" in warnings[0]["message"]

@@ -4,7 +4,8 @@ In ``jsonl`` mode every report is one JSON object on its own line of stdout, flu
 so a parent process can read progress while the job runs. Every object has ``stage``;
 counting reports add ``done``, ``total`` and ``eta`` (seconds, or null while unknown) and
 whatever fields the job adds (``loss``, ``dice``, ...). A job ends with a ``{"stage": "done"}``
-object, or ``{"stage": "error", "message": ...}`` / ``{"stage": "cancelled"}``.
+object, or ``{"stage": "error", "message": ...}`` / ``{"stage": "cancelled"}``. Warnings
+(a scan unlike the model's training data) are ``{"stage": "warning", "message": ...}``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ class Progress:
                 self._bar.write(text, file=sys.stderr)
             else:
                 print(text, file=sys.stderr, flush=True)
+
+    def warning(self, text: str, **fields: Any) -> None:
+        """Something the user must see even without a progress display (a scan unlike the
+        training data): ``warning: TEXT`` on stderr, or a ``{"stage": "warning"}`` record."""
+        if self.mode == "jsonl":
+            self._emit({"stage": "warning", "message": text, **fields})
+        elif self._bar is not None:
+            self._bar.write(f"warning: {text}", file=sys.stderr)
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def finish(self, stage: str = "done", **fields: Any) -> None:
         """Close the current bar and, in jsonl mode, report the final ``stage``."""

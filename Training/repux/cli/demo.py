@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
             raise FileExistsError(f"{', '.join(existing)}: already exist(s); refusing to overwrite (use --force)")
     progress = Progress(args.progress)
     bundle = load_bundle(args.model)
+    if bundle.metadata.usage_warning:
+        progress.warning(bundle.metadata.usage_warning)
     segmenter = Segmenter(bundle, device=args.device, progress=progress)
 
     progress.stage("phantom")

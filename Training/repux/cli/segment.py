@@ -219,6 +219,8 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
 
     bundle = load_bundle(args.model)
     check_modality(bundle, args.modality)
+    if bundle.metadata.usage_warning:
+        progress.warning(bundle.metadata.usage_warning)
     segmenter = Segmenter(
         bundle,
         device=args.device,

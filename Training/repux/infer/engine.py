@@ -29,6 +29,7 @@ from repux.infer.predict import (
     windows_fitting_memory,
 )
 from repux.infer.preprocess import PreprocessingConfig, check_image, preprocess
+from repux.infer.scan_check import scan_warnings
 from repux.progress import Progress
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -81,6 +82,8 @@ class Prediction:
         windows: number of sliding windows.
         seconds: wall time per stage ("preprocess", "infer", "export").
         notes: messages worth showing (out-of-memory retries, ignored options).
+        warnings: why the scan does not look like the model's training scans
+            (:func:`~repux.infer.scan_check.scan_warnings`); already reported to the progress.
     """
 
     labels: Volume
@@ -89,6 +92,7 @@ class Prediction:
     windows: int
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Segmenter:
@@ -159,11 +163,9 @@ class Segmenter:
         """
         check_image(volume, source)
         notes: list[str] = []
-        if self.bundle.metadata.modality == "CT" and float(volume.array.min()) >= 0:
-            notes.append(
-                f"{source}: no negative voxel values (minimum {volume.array.min()}); a CT in HU has air at "
-                "about -1000: check that the image is a CT with its rescale applied"
-            )
+        warnings = scan_warnings(volume, self.bundle.metadata, source)
+        for warning in warnings:
+            self.progress.warning(warning, source=source)
         if self.fast and not native_bfloat16(self.device):
             notes.append(f"--fast (bf16) is not native on {self.device} here; running in float32")
         seconds: dict[str, float] = {}
@@ -195,4 +197,5 @@ class Segmenter:
             windows=self.window.window_count(tuple(prepared.image.shape[2:])),
             seconds=seconds,
             notes=notes,
+            warnings=warnings,
         )
