@@ -156,3 +156,33 @@ def test_demo_bundle_says_it_is_for_synthetic_phantoms_only(bundle, ct, tmp_path
     assert main(["demo", "-o", str(tmp_path / "demo"), "--model", str(demo_like), "--progress", "jsonl"]) == 0
     warnings = [r for r in _records(capsys.readouterr().out) if r["stage"] == "warning"]
     assert warnings and "synthetic phantoms only" in warnings[0]["message"]
+
+
+def test_case_that_cannot_fit_in_memory_is_refused_with_the_figure(bundle, tmp_path, capsys):
+    """40^3 voxels of 1 m: a 40 m cube, 5000^3 voxels on the 8 mm model grid (terabytes)."""
+    from repux.imageio import Volume
+
+    array = np.full((40, 40, 40), -1000, np.int16)
+    array[10:30, 10:30, 10:30] = 40
+    huge = write_volume(Volume(array, (1000.0, 1000.0, 1000.0), (0.0, 0.0, 0.0)), tmp_path / "huge.nii.gz")
+    code = segment(huge, "-o", tmp_path / "out" / "labels.nii.gz", "--model", bundle, "--progress", "none")
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error, error
+    assert "huge.nii.gz" in error and "needs about" in error and "GB of memory" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_error_in_one_case_of_a_batch_does_not_stop_the_others(bundle, tmp_path, capsys):
+    """A name the file system accepts for the input but not for the output's temporary file."""
+    image, _ = make_phantom(7, shape=(41, 37, 23), spacing=(6.0, 6.0, 8.0))
+    inputs = tmp_path / "cases"
+    long_name = "x" * 245
+    for name in ("a", "long", "z"):
+        write_volume(image, inputs / f"{name}.nii.gz")
+    (inputs / "long.nii.gz").rename(inputs / f"{long_name}.nii.gz")
+    outputs = tmp_path / "labels"
+    code = segment(inputs, "-o", outputs, "--model", bundle, "--progress", "none")
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error, error
+    assert "1 of 3 case(s) failed" in error and long_name in error, error
+    assert sorted(p.name for p in outputs.iterdir()) == ["a.nii.gz", "z.nii.gz"]

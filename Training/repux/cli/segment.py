@@ -256,6 +256,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             failed.append(str(error))
             progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
             continue
+        except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
+            if single_file:
+                raise
+            failed.append(f"{case.image}: {type(error).__name__}: {error}")
+            progress.message(f"failed {case.name}: {type(error).__name__}: {error}", case=case.name, failed=True)
+            continue
         for note in prediction.notes:
             progress.message(note, case=case.name)
         written.append(str(case.labels))

@@ -28,7 +28,8 @@ from repux.infer.predict import (
     predict_probabilities,
     windows_fitting_memory,
 )
-from repux.infer.preprocess import PreprocessingConfig, check_image, preprocess
+from repux.infer.memory import case_memory_bytes, require_memory
+from repux.infer.preprocess import PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
 from repux.infer.scan_check import scan_warnings
 from repux.progress import Progress
 
@@ -150,6 +151,22 @@ class Segmenter:
         self.predictor = WindowPredictor(model, self.device, fast)
         self.fast = fast
 
+    def _require_memory(self, volume: Volume, probabilities: bool, source: str) -> None:
+        """Refuse a case whose volumes cannot fit in memory, before allocating any of them."""
+        grid = plan_grids(volume, self.preprocessing)[2]
+        padded = padded_shape(grid.shape, self.preprocessing.patch_size)
+        needed = case_memory_bytes(
+            input_voxels=volume.array.size,
+            input_bytes=volume.array.nbytes,
+            model_voxels=int(np.prod(grid.shape, dtype=np.float64)),
+            padded_voxels=int(np.prod(padded, dtype=np.float64)),
+            channels=self.out_chans,
+            probabilities=probabilities,
+        )
+        spacing = " x ".join(f"{s:g}" for s in volume.spacing)
+        model = " x ".join(str(n) for n in grid.shape)
+        require_memory(needed, source, f"{spacing} mm voxels make a {model} grid at the model's spacing")
+
     def segment(self, volume: Volume, source: str = "image") -> Volume:
         """Labels of ``volume`` on its own voxel grid (see :meth:`predict`)."""
         return self.predict(volume, source=source).labels
@@ -158,10 +175,12 @@ class Segmenter:
         """Segment ``volume`` (HU); ``source`` names it in errors.
 
         Raises:
-            InputError: NaN/Inf or constant images (naming ``source``).
+            InputError: NaN/Inf or constant images, or images that need more memory than is
+                available (naming ``source``).
             torch.OutOfMemoryError: only when even one window on the CPU does not fit.
         """
         check_image(volume, source)
+        self._require_memory(volume, probabilities, source)
         notes: list[str] = []
         warnings = scan_warnings(volume, self.bundle.metadata, source)
         for warning in warnings:
