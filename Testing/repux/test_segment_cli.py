@@ -101,7 +101,7 @@ def test_progress_jsonl_reports_every_stage(bundle, phantom, tmp_path, capsys):
     assert segment(phantom, "-o", tmp_path / "l.nii.gz", "--model", bundle, "--progress", "jsonl") == 0
     records = read_jsonl(capsys.readouterr().out)
     stages = [r["stage"] for r in records if r.get("done") == 0]
-    assert stages == ["read", "preprocess", "infer", "export"]
+    assert stages == ["read", "preprocess", "infer", "export", "write"]
     infer = [r for r in records if r["stage"] == "infer"]
     assert infer[-1]["done"] == infer[-1]["total"] >= 1
     assert records[-1] == {"stage": "done", "outputs": [str(tmp_path / "l.nii.gz")], "skipped": []}

@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from repux.atomic import atomic_path
 from repux.errors import InputError
+from repux.progress import run_cancellable
 
 #: File name endings this module reads and writes, longest first so ``.nii.gz`` wins over ``.gz``.
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -321,7 +322,7 @@ def read_volume(path: str | os.PathLike) -> Volume:
                 _check_nifti(path)
             elif suffix:
                 _check_text_header(path, suffix)
-            image = sitk.ReadImage(str(path))
+            image = run_cancellable(lambda: sitk.ReadImage(str(path)))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise VolumeError(f"{path}: cannot be read as a medical volume ({first_line})") from None
@@ -350,6 +351,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, overwrite: bool = Fals
         raise VolumeError(f"{path}: unsupported file ending; expected one of {', '.join(VOLUME_SUFFIXES)}")
     if suffix in (".nhdr", ".mhd"):
         raise VolumeError(f"{path}: detached headers cannot be written atomically; use .nrrd or .mha")
+    image = to_sitk(volume)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        sitk.WriteImage(to_sitk(volume), str(tmp), useCompression=True)
+        run_cancellable(lambda: sitk.WriteImage(image, str(tmp), useCompression=True))
     return path

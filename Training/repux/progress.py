@@ -14,10 +14,13 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
 
@@ -128,6 +131,35 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value)
+
+
+def run_cancellable(work: Callable[[], T], poll_s: float = 0.1) -> T:
+    """``work()``, run in a helper thread while this thread waits, so that Ctrl-C and SIGTERM act
+    within ``poll_s`` even while ``work`` is inside one long C call.
+
+    Python handles signals in the main thread between its own steps: a compressed ITK write
+    of a large volume (one C call) would hold a cancel off for tens of seconds. ITK and zlib
+    release the GIL while they work, so the waiting thread gets the signal at once. On a
+    cancel the helper thread is abandoned (a daemon: it ends with the process) and the
+    caller's cleanup (the atomic writers' temporary files) runs as usual.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = error
+
+    if threading.current_thread() is not threading.main_thread():
+        return work()  # no signals to wait for outside the main thread
+    helper = threading.Thread(target=target, name="repux-cancellable", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(poll_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:

@@ -247,6 +247,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
             image = read_volume(case.image)
             prediction = segmenter.predict(image, probabilities=case.probabilities is not None, source=str(case.image))
+            progress.stage("write")
             if case.probabilities is not None:
                 write_probabilities(prediction.probabilities, image, case.probabilities, overwrite=args.force)
             write_label_map(prediction.labels, case.labels, bundle.labels, overwrite=args.force)

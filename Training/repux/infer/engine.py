@@ -205,9 +205,8 @@ class Segmenter:
         seconds["infer"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self.progress.stage("export")
         # Map back where the probabilities already are: the GPU when they were stitched there.
-        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities)
+        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities, progress=self.progress)
         seconds["export"] = time.perf_counter() - start
         return Prediction(
             labels=volume.with_array(labels),
