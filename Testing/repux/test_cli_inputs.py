@@ -186,3 +186,57 @@ def test_unexpected_error_in_one_case_of_a_batch_does_not_stop_the_others(bundle
     assert code == 2 and "Traceback" not in error, error
     assert "1 of 3 case(s) failed" in error and long_name in error, error
     assert sorted(p.name for p in outputs.iterdir()) == ["a.nii.gz", "z.nii.gz"]
+
+
+def _run_without_torch(*argv, cwd: Path | None = None) -> tuple[int, str, bool]:
+    """(exit code, stderr, whether torch was imported) of ``repux ARGV`` in a fresh interpreter."""
+    script = (
+        "import sys\nfrom repux.cli import main\ncode = main(sys.argv[1:])\n"
+        "print('torch' in sys.modules)\nsys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, argv)], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+    return done.returncode, done.stderr, done.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["-o", "{tmp}/file.nii.gz/out.nii.gz"], "file.nii.gz is a file, not a folder"),
+        (["-o", "{tmp}/folder.nii.gz"], "is a folder; expected a file name"),
+        (["-o", "{tmp}/l.nii.gz", "--overlap", "1.5"], "--overlap 1.5: expected a number 0 <= overlap < 1"),
+        (["-o", "{tmp}/l.nii.gz", "--device", "tpu"], "--device tpu: unknown device"),
+        (["-o", "{tmp}/l.nii.gz", "--probabilities", "{tmp}/p.png"], "p.png: unsupported file ending"),
+        (["-o", "{tmp}/l.nii.gz", "--volumes", "{tmp}/v.txt"], "v.txt: unsupported file ending"),
+        (["-o", "{tmp}/l.nii.gz", "--volumes", "{tmp}/file.nii.gz/v.csv"], "is a file, not a folder"),
+    ],
+    ids=["parent-is-a-file", "output-is-a-folder", "overlap", "device", "probabilities-ending", "volumes-ending",
+         "volumes-parent"],
+)  # fmt: skip
+def test_segment_refuses_bad_outputs_and_options_before_torch_and_reading(bundle, ct, tmp_path, options, expected):
+    (tmp_path / "file.nii.gz").write_bytes(b"not a folder")
+    (tmp_path / "folder.nii.gz").mkdir()
+    argv = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    code, error, torch_loaded = _run_without_torch("segment", ct, *argv, "--model", bundle, "--progress", "none")
+    assert code == 2 and expected in error and "Traceback" not in error, error
+    assert not torch_loaded
+
+
+def test_segment_batch_with_a_case_output_in_the_way_is_refused_before_any_case(bundle, ct, tmp_path):
+    outputs = tmp_path / "labels"
+    (outputs / "case7.nii.gz").mkdir(parents=True)
+    code, error, torch_loaded = _run_without_torch("segment", ct.parent, "-o", outputs, "--model", bundle, "--force")
+    assert code == 2 and "case7.nii.gz: is a folder" in error, error
+    assert not torch_loaded
+
+
+def test_demo_and_evaluate_refuse_unwritable_outputs_before_torch(bundle, ct, tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    code, error, torch_loaded = _run_without_torch("demo", "-o", tmp_path / "file", "--model", bundle)
+    assert code == 2 and "file: is a file; expected a folder" in error, error
+    assert not torch_loaded
+    code, error, torch_loaded = _run_without_torch("demo", "-o", tmp_path / "d", "--device", "gpu9")
+    assert code == 2 and "--device gpu9" in error and not torch_loaded, error
+    code, error, torch_loaded = _run_without_torch("evaluate", ct, ct, "-o", tmp_path / "file" / "m.csv")
+    assert code == 2 and "is a file, not a folder" in error and not torch_loaded, error

@@ -13,6 +13,7 @@ import argparse
 import math
 from pathlib import Path
 
+from repux.errors import InputError
 from repux.progress import PROGRESS_MODES
 
 HELP = "segment a fresh synthetic CT with the demo model and print per-organ Dice against its truth"
@@ -46,9 +47,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from repux.options import check_device_name
+    from repux.paths import check_writable
+
+    out = Path(args.output)
+    check_device_name(args.device)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is a file; expected a folder for the demo's files")
+    paths = {key: out / name for key, name in FILES.items()}
+    for path in paths.values():
+        check_writable(path)
+    if not args.force:
+        existing = [str(p) for p in paths.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"{', '.join(existing)}: already exist(s); refusing to overwrite (use --force)")
+
     import numpy as np
 
-    from repux.bundle import load_bundle
+    from repux.bundle import load_bundle  # torch from here on
     from repux.data.phantoms import make_phantom
     from repux.imageio import write_volume
     from repux.infer import Segmenter
@@ -57,12 +73,6 @@ def run(args: argparse.Namespace) -> int:
     from repux.infer.writers import write_label_map
     from repux.progress import Progress
 
-    out = Path(args.output)
-    paths = {key: out / name for key, name in FILES.items()}
-    if not args.force:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise FileExistsError(f"{', '.join(existing)}: already exist(s); refusing to overwrite (use --force)")
     progress = Progress(args.progress)
     bundle = load_bundle(args.model)
     if bundle.metadata.usage_warning:

@@ -93,17 +93,21 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from repux.imageio import read_volume
-    from repux.infer.metrics import mean_dice, score_labels
     from repux.infer.writers import TABLE_SUFFIXES, require_suffix, write_table
+    from repux.paths import check_writable
 
     if args.output:
         require_suffix(args.output, TABLE_SUFFIXES, "--output")
         _refuse_table_over_inputs(args)
+        check_writable(args.output, "score table")
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: already exists; refusing to overwrite it (use --force)")
+
+    import numpy as np
+
+    from repux.infer.metrics import mean_dice, score_labels  # torch from here on
+
     named = resolve_labels(args.labels)
     rows, by_label = [], {}
     cases = pair_cases(Path(args.pred), Path(args.gt))

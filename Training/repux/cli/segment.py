@@ -167,8 +167,13 @@ def _outputs(case: Case) -> list[Path]:
 
 
 def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
-    """Refuse outputs that are inputs (CT images, the bundle's files) or that collide."""
-    from repux.paths import refuse_outputs_over_inputs
+    """Refuse outputs with a wrong ending, that cannot be written, that are inputs (CT images,
+    the bundle's files) or that collide; torch-free, before any image is read."""
+    from repux.infer.writers import TABLE_SUFFIXES, require_suffix
+    from repux.paths import check_writable, refuse_outputs_over_inputs
+
+    if args.volumes:
+        require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
 
     outputs: dict[str, Path] = {}
     for case in cases:
@@ -183,6 +188,8 @@ def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
     inputs = [case.image for case in cases if case.image.is_file()]
     inputs += [p for p in model.iterdir() if p.is_file()] if model.is_dir() else []
     refuse_outputs_over_inputs(outputs, inputs)
+    for what, path in outputs.items():
+        check_writable(path, what)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -194,28 +201,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, progress: Progress) -> int:
-    from repux.bundle import load_bundle
     from repux.imageio import read_volume
-    from repux.infer import Segmenter, check_modality
-    from repux.infer.writers import (
-        TABLE_SUFFIXES,
-        label_volumes,
-        require_suffix,
-        write_label_map,
-        write_probabilities,
-        write_table,
-    )
+    from repux.infer.writers import label_volumes, write_label_map, write_probabilities, write_table
+    from repux.options import check_device_name, check_overlap
 
+    check_device_name(args.device)
+    check_overlap(args.overlap)
     cases, single_file = plan_cases(args)
     check_outputs(cases, args)
     if args.volumes:
-        require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
         if Path(args.volumes).exists() and not args.force:
             raise FileExistsError(f"{args.volumes}: already exists; refusing to overwrite it (use --force)")
     if single_file and not args.force:
         for path in _outputs(cases[0]):
             if path.exists():
                 raise FileExistsError(f"{path}: already exists; refusing to overwrite it (use --force)")
+
+    from repux.bundle import load_bundle  # torch from here on
+    from repux.infer import Segmenter, check_modality
 
     bundle = load_bundle(args.model)
     check_modality(bundle, args.modality)

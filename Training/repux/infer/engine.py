@@ -31,9 +31,9 @@ from repux.infer.predict import (
 from repux.infer.memory import case_memory_bytes, require_memory
 from repux.infer.preprocess import PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
 from repux.infer.scan_check import scan_warnings
+from repux.options import DEVICE_CHOICES, check_overlap
 from repux.progress import Progress
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -125,8 +125,7 @@ class Segmenter:
         optimize: bool = True,
         windows_per_pass: int | None = None,
     ) -> None:
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise InputError(f"--overlap {overlap}: expected a number 0 <= overlap < 1")
+        check_overlap(overlap)
         self.bundle = bundle
         self.device = resolve_device(device)
         metadata = bundle.metadata
