@@ -162,8 +162,20 @@ def run_cancellable(work: Callable[[], T], poll_s: float = 0.1) -> T:
     return outcome["value"]
 
 
+#: The signal that cancelled this process (SIGTERM), or None: Ctrl-C or not cancelled.
+_cancel_signal: int | None = None
+
+
 def _raise_interrupt(signum: int, _frame: Any) -> None:
+    global _cancel_signal
+    _cancel_signal = signum
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cancel_exit_code() -> int:
+    """The shell's exit status of a process ended by its cancelling signal: 128 + signal
+    number (143 for SIGTERM, 130 for Ctrl-C)."""
+    return 128 + int(_cancel_signal if _cancel_signal is not None else signal.SIGINT)
 
 
 def cancel_on_sigterm() -> None:
