@@ -240,3 +240,19 @@ def test_demo_and_evaluate_refuse_unwritable_outputs_before_torch(bundle, ct, tm
     assert code == 2 and "--device gpu9" in error and not torch_loaded, error
     code, error, torch_loaded = _run_without_torch("evaluate", ct, ct, "-o", tmp_path / "file" / "m.csv")
     assert code == 2 and "is a file, not a folder" in error and not torch_loaded, error
+
+
+def test_evaluate_names_the_predictions_that_have_no_reference(tmp_path, capsys):
+    from repux.imageio import Volume
+
+    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
+    labels = np.zeros((8, 8, 8), np.uint8)
+    labels[2:6, 2:6, 2:6] = 1
+    volume = Volume(labels, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    for folder, names in ((pred_dir, ("a", "extra1", "extra2")), (gt_dir, ("a",))):
+        for name in names:
+            write_volume(volume, folder / f"{name}.nii.gz")
+    assert main(["evaluate", str(pred_dir), str(gt_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "2 prediction(s) without a reference, not scored: ['extra1', 'extra2']" in captured.err, captured.err
+    assert "extra1" not in captured.out

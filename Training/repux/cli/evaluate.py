@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from repux.errors import InputError
@@ -52,7 +53,11 @@ def case_name(path: Path) -> str:
 
 
 def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, reference) triples: one for two files, matched by name for two folders."""
+    """(case, prediction, reference) triples: one for two files, matched by name for two folders.
+
+    Folders: a reference without a prediction is an error; predictions without a reference
+    are named on stderr and left out.
+    """
     for path in (pred, gt):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -71,6 +76,13 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
     missing = sorted(set(references) - set(predictions))
     if missing:
         raise InputError(f"{pred}: no prediction for the reference case(s) {missing} in {gt}")
+    unmatched = sorted(set(predictions) - set(references))
+    if unmatched:
+        print(
+            f"repux evaluate: {pred}: {len(unmatched)} prediction(s) without a reference, not scored: {unmatched} "
+            f"(no such case in {gt})",
+            file=sys.stderr,
+        )
     return [(name, predictions[name], references[name]) for name in sorted(references)]
 
 
