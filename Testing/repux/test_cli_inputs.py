@@ -256,3 +256,62 @@ def test_evaluate_names_the_predictions_that_have_no_reference(tmp_path, capsys)
     captured = capsys.readouterr()
     assert "2 prediction(s) without a reference, not scored: ['extra1', 'extra2']" in captured.err, captured.err
     assert "extra1" not in captured.out
+
+
+def _write_series(volume, folder: Path, uid: str, description: str, prefix: str) -> None:
+    """One CT slice per file with the tags a series reader needs, and a series description."""
+    import SimpleITK as sitk
+
+    from repux.imageio import to_sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = sitk.Cast(to_sitk(volume), sitk.sitkInt16)
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        tags = {
+            "0008|0060": "CT",
+            "0008|103e": description,
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.776",
+            "0020|000e": uid,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+            "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0008|0018": f"{uid}.{k + 1}",
+        }
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_two_dicom_series_are_listed_with_description_and_slice_count_and_one_is_chosen(bundle, tmp_path, capsys):
+    image, _ = make_phantom(21, shape=(36, 32, 20), spacing=(7.0, 7.0, 9.0), oblique=False, orientation="LPS")
+    thin, _ = make_phantom(21, shape=(36, 32, 12), spacing=(7.0, 7.0, 15.0), oblique=False, orientation="LPS")
+    folder = tmp_path / "study"
+    _write_series(image, folder, "1.2.826.0.1.3680043.2.1125.9.1", "ABDOMEN 9mm", "a")
+    _write_series(thin, folder, "1.2.826.0.1.3680043.2.1125.9.2", "SCOUT 15mm", "b")
+    code = segment(folder, "-o", tmp_path / "l.nii.gz", "--model", bundle, "--progress", "none")
+    error = capsys.readouterr().err
+    assert code == 2, error
+    assert "1.2.826.0.1.3680043.2.1125.9.1 ('ABDOMEN 9mm', 20 slices)" in error, error
+    assert "1.2.826.0.1.3680043.2.1125.9.2 ('SCOUT 15mm', 12 slices)" in error and "--series" in error, error
+    code = segment(folder, "-o", tmp_path / "l.nii.gz", "--model", bundle, "--series", "1.2.826.0.1.3680043.2.1125.9.2",
+                   "--progress", "none")  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert read_volume(tmp_path / "l.nii.gz").shape == (36, 32, 12)
+    code = segment(folder, "-o", tmp_path / "m.nii.gz", "--model", bundle, "--series", "9.9", "--progress", "none")
+    error = capsys.readouterr().err
+    assert code == 2 and "--series 9.9" in error and "ABDOMEN 9mm" in error, error
+
+
+def test_itk_warnings_about_folders_without_dicom_do_not_reach_the_terminal(bundle, ct, tmp_path):
+    """A folder of NIfTI cases is searched for DICOM series first; ITK's 'No Series were found' stays quiet."""
+    done = subprocess.run(
+        [sys.executable, "-m", "repux", "segment", str(ct.parent), "-o", str(tmp_path / "out"), "--model", str(bundle),
+         "--progress", "none"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "WARNING" not in done.stderr and "No Series" not in done.stderr, done.stderr

@@ -14,6 +14,8 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,25 +299,90 @@ def _check_text_header(path: Path, suffix: str) -> None:
                 )
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """Silence ITK's own warnings (printed straight to the terminal), e.g. GDCM's "No Series
+    were found" for every folder searched for DICOM; errors still raise."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder: its Series Instance UID, description and slice files."""
+
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"{self.uid} ({self.description!r}, {len(self.files)} slices)"
+
+
+def dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """The DICOM series directly in ``folder`` (none for a folder of other files)."""
+    folder = str(folder)
+    found = []
+    with _itk_warnings_off():
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder):
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, uid))
+            found.append(DicomSeries(uid, _series_description(files[0]) if files else "", files))
+    return found
+
+
+def _series_description(path: str) -> str:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    try:
+        with _itk_warnings_off():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return reader.GetMetaData("0008|103e").strip() if reader.HasMetaDataKey("0008|103e") else ""
+
+
+def _read_dicom_folder(path: Path, series: str | None) -> sitk.Image:
+    found = dicom_series(path)
+    listing = "; ".join(item.describe() for item in found)
+    if not found:
+        raise VolumeError(f"{path}: folder holds no DICOM series; expected one CT series")
+    if series is not None:
+        chosen = [item for item in found if item.uid == series]
+        if not chosen:
+            raise VolumeError(f"{path}: --series {series}: no such series here; the folder holds {listing}")
+    elif len(found) > 1:
+        raise VolumeError(
+            f"{path}: folder holds {len(found)} DICOM series: {listing}; expected one (choose one with --series UID)"
+        )
+    else:
+        chosen = found
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen[0].files))
+    with _itk_warnings_off():
+        return run_cancellable(reader.Execute)
+
+
+def read_volume(path: str | os.PathLike, series: str | None = None) -> Volume:
     """Read a NIfTI, NRRD or MetaImage file, or a folder holding one DICOM series.
 
+    Args:
+        series: the Series Instance UID to read from a folder of several DICOM series.
+
     Raises:
-        VolumeError: the path is missing, unreadable, truncated, not 3-D or not scalar.
+        VolumeError: the path is missing, unreadable, truncated, not 3-D or not scalar, has
+            a geometry that readers disagree on, or NaN/Inf voxels; a folder with no DICOM
+            series, or several and no (or an unknown) ``series``.
     """
     path = Path(path)
     if not path.exists():
         raise VolumeError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
-            reader = sitk.ImageSeriesReader()
-            series = reader.GetGDCMSeriesIDs(str(path))
-            if not series:
-                raise VolumeError(f"{path}: folder holds no DICOM series; expected one CT series")
-            if len(series) > 1:
-                raise VolumeError(f"{path}: folder holds {len(series)} DICOM series {list(series)}; expected one")
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
+            image = _read_dicom_folder(path, series)
         else:
             suffix = volume_suffix(path)
             if suffix in (".nii", ".nii.gz"):

@@ -67,6 +67,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", default=FORMATS[0], choices=FORMATS, help="label-map format in an output folder (default .nii.gz)"
     )
+    parser.add_argument(
+        "--series", metavar="UID", help="the DICOM series to read from a folder holding several (Series Instance UID)"
+    )
     parser.add_argument("--modality", metavar="NAME", help="refuse a bundle trained on another modality (e.g. CT)")
     parser.add_argument(
         "--progress",
@@ -98,9 +101,9 @@ def case_name(path: Path) -> str:
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
+    from repux.imageio import dicom_series
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series(folder))
 
 
 def find_inputs(inputs: list[str]) -> list[Path]:
@@ -248,7 +251,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         try:
             progress.stage("read")
             progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
-            image = read_volume(case.image)
+            image = read_volume(case.image, series=args.series)
             prediction = segmenter.predict(image, probabilities=case.probabilities is not None, source=str(case.image))
             progress.stage("write")
             if case.probabilities is not None:
