@@ -315,3 +315,19 @@ def test_itk_warnings_about_folders_without_dicom_do_not_reach_the_terminal(bund
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "WARNING" not in done.stderr and "No Series" not in done.stderr, done.stderr
+
+
+def test_demo_runs_again_into_its_own_folder_but_not_over_other_files(bundle, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "demo"
+    argv = ["demo", "-o", str(out), "--model", str(bundle), "--seed", "5", "--progress", "none"]
+    assert main(argv) == 0
+    first = json.loads((out / "demo.json").read_text())
+    assert first["written_by"] == "repux demo" and first["seed"] == 5
+    assert main(argv) == 0, capsys.readouterr().err  # its own folder: no complaint, no --force
+    assert "already exist" not in capsys.readouterr().err
+    (out / "notes.txt").write_text("mine")
+    assert main(argv) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"

@@ -3,13 +3,17 @@
 Writes, into the output folder: ``ct.nii.gz`` (the phantom CT), ``truth.nii.gz`` (its organ
 labels), ``segmentation.nii.gz`` and ``segmentation.seg.nrrd`` (the model's labels; the
 latter loads in 3D Slicer as a segmentation), ``overlay.png`` (axial, coronal and sagittal
-slices through the organs' centre). Prints the Dice of every organ and ends with
-``mean Dice: X.XXX`` (mean over the organs, background excluded).
+slices through the organs' centre), ``demo.json`` (seed, model and Dice). Prints the Dice
+of every organ and ends with ``mean Dice: X.XXX`` (mean over the organs, background excluded).
+
+Run again into its own folder (one that holds the demo's files and nothing else), the
+demo replaces its files without asking; files of any other origin need ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
@@ -28,7 +32,10 @@ FILES = {
     "labels": "segmentation.nii.gz",
     "segmentation": "segmentation.seg.nrrd",
     "overlay": "overlay.png",
+    "summary": "demo.json",
 }
+#: ``demo.json`` "written_by": marks a folder as the demo's own, which a later demo replaces unasked.
+WRITTEN_BY = "repux demo"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +53,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace existing demo files")
 
 
+def _is_own_folder(out: Path) -> bool:
+    """Whether ``out`` is a folder an earlier demo wrote: its ``demo.json`` and demo files only."""
+    try:
+        marked = json.loads((out / FILES["summary"]).read_text(encoding="utf-8")).get("written_by") == WRITTEN_BY
+        return marked and {p.name for p in out.iterdir()} <= set(FILES.values())
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     from repux.options import check_device_name
     from repux.paths import check_writable
@@ -57,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
     paths = {key: out / name for key, name in FILES.items()}
     for path in paths.values():
         check_writable(path)
-    if not args.force:
+    overwrite = args.force or _is_own_folder(out)
+    if not overwrite:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
             raise FileExistsError(f"{', '.join(existing)}: already exist(s); refusing to overwrite (use --force)")
 
     import numpy as np
 
+    from repux.atomic import write_json
     from repux.bundle import load_bundle  # torch from here on
     from repux.data.phantoms import make_phantom
     from repux.imageio import write_volume
@@ -83,19 +101,21 @@ def run(args: argparse.Namespace) -> int:
     image, truth = make_phantom(args.seed)
     prediction = segmenter.predict(image, source=f"phantom (seed {args.seed})")
     labels = prediction.labels
-    write_volume(image, paths["ct"], overwrite=args.force)
-    write_volume(truth, paths["truth"], overwrite=args.force)
-    write_label_map(labels, paths["labels"], bundle.labels, overwrite=args.force)
-    write_label_map(labels, paths["segmentation"], bundle.labels, overwrite=args.force)
+    write_volume(image, paths["ct"], overwrite=overwrite)
+    write_volume(truth, paths["truth"], overwrite=overwrite)
+    write_label_map(labels, paths["labels"], bundle.labels, overwrite=overwrite)
+    write_label_map(labels, paths["segmentation"], bundle.labels, overwrite=overwrite)
     # The slices go through the centre of the true organs, whatever the model found.
     organs = np.argwhere(truth.array > 0)
     centre = (truth.affine @ np.append(organs.mean(axis=0), 1.0))[:3] if organs.size else None
-    render_overlay(image, labels, bundle.labels, paths["overlay"], centre_ras=centre, overwrite=args.force)
+    render_overlay(image, labels, bundle.labels, paths["overlay"], centre_ras=centre, overwrite=overwrite)
 
     organ_labels = [(label.value, label.name) for label in bundle.labels if label.value != 0]
     scores = score_labels(labels, truth, organ_labels, "segmentation", "phantom truth", hausdorff=False)
     mean = mean_dice(scores)
     dice = {score.name: score.dice for score in scores}
+    summary = {"written_by": WRITTEN_BY, "seed": args.seed, "model": bundle.metadata.name, "dice": dice}
+    write_json({**summary, "mean_dice": mean}, paths["summary"], overwrite=overwrite)
     progress.finish("done", outputs=[str(p) for p in paths.values()], dice=dice, mean_dice=mean)
     if args.progress != "jsonl":
         print(f"phantom seed {args.seed}, model {bundle.metadata.name!r}; files in {out}/")
