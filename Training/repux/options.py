@@ -9,6 +9,13 @@ from repux.errors import InputError
 #: ``--device`` values: auto (CUDA when present), cpu, cuda or cuda:N.
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 _DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+#: The one help text of ``--device`` in every command (the README's tables say the same).
+DEVICE_HELP = "auto (CUDA when present, else the CPU), cpu, cuda or cuda:N"
+#: The one help text of ``--fast``; the hardware list is :func:`repux.accel.native_bfloat16`'s.
+FAST_HELP = (
+    "bfloat16 where the device computes it natively (CUDA GPUs, CPUs with AMX or AVX-512 BF16; float32 "
+    "elsewhere, with a note): faster, labels may differ at a few voxels"
+)
 
 
 def check_device_name(name: str) -> str:

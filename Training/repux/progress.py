@@ -23,6 +23,8 @@ from typing import Any, TextIO, TypeVar
 T = TypeVar("T")
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
+#: The one help text of ``--progress`` in every command.
+PROGRESS_HELP = "bar (terminal bar on stderr, default), jsonl (one JSON object per line on stdout) or none"
 
 
 class Progress:

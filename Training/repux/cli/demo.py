@@ -18,7 +18,8 @@ import math
 from pathlib import Path
 
 from repux.errors import InputError
-from repux.progress import PROGRESS_MODES
+from repux.options import DEVICE_HELP
+from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 HELP = "segment a fresh synthetic CT with the demo model and print per-organ Dice against its truth"
 
@@ -48,8 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="demo", metavar="BUNDLE", help="bundle folder, or 'demo' (default: the shipped demo model)"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help="bar, jsonl or none")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+    parser.add_argument("--progress", default="bar", choices=PROGRESS_MODES, help=PROGRESS_HELP)
     parser.add_argument("--force", action="store_true", help="replace existing demo files")
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repux.errors import InputError
-from repux.progress import PROGRESS_MODES
+from repux.options import DEVICE_HELP, FAST_HELP
+from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 if TYPE_CHECKING:
     from repux.progress import Progress
@@ -41,14 +42,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or a folder for several",
     )
     parser.add_argument("--model", default="demo", metavar="BUNDLE", help="bundle folder, or 'demo' (default)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     parser.add_argument(
         "--overlap", type=float, default=None, metavar="F", help="sliding-window overlap 0..<1 (default: the bundle's)"
     )
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="bfloat16 where native (CUDA GPUs, CPUs with AMX): faster, labels may vary a little",
+        help=FAST_HELP,
     )
     parser.add_argument(
         "--plain-network",
@@ -75,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--progress",
         default="bar",
         choices=PROGRESS_MODES,
-        help="bar (terminal), jsonl (one JSON object per line on stdout) or none",
+        help=PROGRESS_HELP,
     )
     parser.add_argument(
         "--force", action="store_true", help="replace existing outputs (default: refuse, or skip done cases)"
