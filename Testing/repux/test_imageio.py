@@ -197,3 +197,11 @@ def test_non_finite_voxels_are_refused_in_every_format(tmp_path: Path, name: str
     path = write_volume(volume.with_array(array), tmp_path / name)
     with pytest.raises(InputError, match=rf"{name}.*1 of 140 voxels are NaN or infinite"):
         check_image(read_volume(path), str(path))
+
+
+def test_header_declaring_more_data_than_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    """A gzip NRRD whose sizes claim 20 TB: refused from the header, not by a failed allocation."""
+    path = tmp_path / "huge.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 1000\nencoding: gzip\nendian: little\n\n")
+    with pytest.raises(VolumeError, match=r"huge.nrrd: its header declares 100000 x 100000 x 1000 voxels \(20000.0 GB\)"):
+        read_volume(path)

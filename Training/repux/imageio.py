@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -299,6 +300,29 @@ def _check_text_header(path: Path, suffix: str) -> None:
                 )
 
 
+def _check_declared_size(path: Path) -> None:
+    """Refuse a file whose header declares more voxel data than there is memory.
+
+    A damaged or hostile header (``sizes: 100000 100000 1000``) would otherwise make ITK
+    allocate the whole buffer before it finds the data short.
+    """
+    from repux.infer.memory import available_memory_bytes
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    with _itk_warnings_off():
+        reader.ReadImageInformation()
+    bits = re.search(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    declared = math.prod(reader.GetSize()) * reader.GetNumberOfComponents() * (int(bits.group(1)) // 8 if bits else 8)
+    available = available_memory_bytes()
+    if available is not None and declared > available:
+        raise VolumeError(
+            f"{path}: its header declares {' x '.join(map(str, reader.GetSize()))} voxels "
+            f"({declared / 1e9:.1f} GB), more than the {available / 1e9:.1f} GB of memory available; "
+            "expected a volume that fits"
+        )
+
+
 @contextmanager
 def _itk_warnings_off() -> Iterator[None]:
     """Silence ITK's own warnings (printed straight to the terminal), e.g. GDCM's "No Series
@@ -389,6 +413,7 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> Volume:
                 _check_nifti(path)
             elif suffix:
                 _check_text_header(path, suffix)
+            _check_declared_size(path)
             image = run_cancellable(lambda: sitk.ReadImage(str(path)))
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
