@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     import pytest
 
     started = time.monotonic()
-    status = pytest.main(
-        ["-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning", str(TESTS / "test_fuzz_inputs.py")]
-    )
+    quiet = ["-q", "-p", "no:cacheprovider", "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+    status = pytest.main([*quiet, str(TESTS / "test_fuzz_inputs.py")])
     seconds = time.monotonic() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     tried = sum(fuzz_support.COUNTS.values())
