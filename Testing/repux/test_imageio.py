@@ -205,3 +205,18 @@ def test_header_declaring_more_data_than_memory_is_refused_before_reading(tmp_pa
     path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 1000\nencoding: gzip\nendian: little\n\n")
     with pytest.raises(VolumeError, match=r"huge.nrrd: its header declares 100000 x 100000 x 1000 voxels \(20000.0 GB\)"):
         read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["cut.mha", "cut-raw.mha", "cut.nrrd", "cut-raw.nrrd"])
+def test_truncated_metaimage_and_nrrd_are_refused_as_truncated(tmp_path: Path, name: str) -> None:
+    """Every format the README lists: a file cut short is refused and said to be truncated."""
+    array = np.random.default_rng(9).integers(-1000, 1000, size=(40, 40, 30)).astype(np.int16)
+    image = to_sitk(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    whole = tmp_path / f"whole-{name}"
+    sitk.WriteImage(image, str(whole), useCompression="raw" not in name)
+    data = whole.read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    reason = r"(truncated|expected \d+ bytes|fread got only)"
+    with pytest.raises(VolumeError, match=rf"{name}: cannot be read as a medical volume.*{reason}"):
+        read_volume(cut)

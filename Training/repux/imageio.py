@@ -274,14 +274,50 @@ def _text_header(path: Path, suffix: str) -> dict[str, str]:
     return fields
 
 
+#: Bytes per component of the MetaImage element types whose size does not depend on the platform.
+_MET_BYTES = {
+    "MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+    "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8,
+}  # fmt: skip
+
+
+def _metaimage_truncation(path: Path, fields: dict[str, str]) -> str | None:
+    """Why a MetaImage file with its data inside (``ElementDataFile = LOCAL``) is shorter than
+    its header says, or None. ITK refuses such files with a misleading "No such file" reason."""
+    if fields.get("elementdatafile", "").upper() != "LOCAL":
+        return None
+    with open(path, "rb") as stream:
+        start = stream.read(1 << 16)
+    marker = start.find(b"ElementDataFile")
+    end = start.find(b"\n", marker)
+    if marker < 0 or end < 0:
+        return None
+    held = path.stat().st_size - (end + 1)
+    try:
+        if fields.get("compresseddata", "false").lower() == "true":
+            expected = int(fields["compresseddatasize"]) if "compresseddatasize" in fields else None
+        else:
+            sizes = [int(v) for v in fields["dimsize"].split()]
+            channels = int(fields.get("elementnumberofchannels", "1"))
+            expected = math.prod(sizes) * channels * _MET_BYTES[fields["elementtype"]]
+    except (KeyError, ValueError):
+        return None  # ITK judges such headers
+    if expected is not None and held < expected:
+        return f"holds {held} bytes of voxel data; its header describes {expected}"
+    return None
+
+
 def _check_text_header(path: Path, suffix: str) -> None:
-    """Refuse a MetaImage or NRRD header with a zero or negative voxel size.
+    """Refuse a MetaImage or NRRD header with a zero or negative voxel size, and a truncated
+    MetaImage file.
 
     ITK reads a negative ElementSpacing (or NRRD spacing) as a flip of that axis and a zero
     one as 1 mm; other readers do not, so such files have no agreed geometry.
     """
     keys = ("elementspacing", "elementsize") if suffix in (".mha", ".mhd") else ("spacings",)
     fields = _text_header(path, suffix)
+    if suffix == ".mha" and (why := _metaimage_truncation(path, fields)):
+        raise VolumeError(f"{path}: cannot be read as a medical volume: truncated file ({why})")
     for key in keys:
         if key not in fields:
             continue
