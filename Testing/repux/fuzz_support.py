@@ -116,7 +116,8 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 
 
 def seed_volumes(folder: Path) -> dict[str, bytes]:
-    """``{name: bytes}`` of valid small volumes, one per format and voxel type (uncompressed NIfTI bytes for .nii.gz)."""
+    """``{name: bytes}`` of valid small volumes, one per format and voxel type (for .nii.gz:
+    the uncompressed bytes, compressed again when written)."""
     rng = np.random.default_rng(0)
     seeds = {}
     for dtype in (np.int16, np.float32):
@@ -203,7 +204,7 @@ def replace_at(value: Any, path: tuple, new: Any, delete: bool = False) -> Any:
     return copy
 
 
-def write_bundle(folder: Path, seed: Path, model_json: str, weights: bytes) -> Path:
+def write_bundle(folder: Path, model_json: str, weights: bytes) -> Path:
     """A bundle folder with the given ``model.json`` text and ``model.safetensors`` bytes."""
     if folder.exists():
         shutil.rmtree(folder)

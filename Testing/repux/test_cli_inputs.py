@@ -14,7 +14,7 @@ import pytest
 from repux.cli import main
 from repux.data.phantoms import make_phantom
 from repux.imageio import read_volume, write_volume
-from infer_support import save_tiny_bundle
+from infer_support import save_tiny_bundle, write_dicom_series
 
 
 @pytest.fixture(scope="module")
@@ -258,40 +258,12 @@ def test_evaluate_names_the_predictions_that_have_no_reference(tmp_path, capsys)
     assert "extra1" not in captured.out
 
 
-def _write_series(volume, folder: Path, uid: str, description: str, prefix: str) -> None:
-    """One CT slice per file with the tags a series reader needs, and a series description."""
-    import SimpleITK as sitk
-
-    from repux.imageio import to_sitk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk.Cast(to_sitk(volume), sitk.sitkInt16)
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        tags = {
-            "0008|0060": "CT",
-            "0008|103e": description,
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.776",
-            "0020|000e": uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0008|0018": f"{uid}.{k + 1}",
-        }
-        for key, value in tags.items():
-            plane.SetMetaData(key, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(plane)
-
-
 def test_two_dicom_series_are_listed_with_description_and_slice_count_and_one_is_chosen(bundle, tmp_path, capsys):
     image, _ = make_phantom(21, shape=(36, 32, 20), spacing=(7.0, 7.0, 9.0), oblique=False, orientation="LPS")
     thin, _ = make_phantom(21, shape=(36, 32, 12), spacing=(7.0, 7.0, 15.0), oblique=False, orientation="LPS")
     folder = tmp_path / "study"
-    _write_series(image, folder, "1.2.826.0.1.3680043.2.1125.9.1", "ABDOMEN 9mm", "a")
-    _write_series(thin, folder, "1.2.826.0.1.3680043.2.1125.9.2", "SCOUT 15mm", "b")
+    write_dicom_series(image, folder, "1.2.826.0.1.3680043.2.1125.9.1", "ABDOMEN 9mm", "a")
+    write_dicom_series(thin, folder, "1.2.826.0.1.3680043.2.1125.9.2", "SCOUT 15mm", "b")
     code = segment(folder, "-o", tmp_path / "l.nii.gz", "--model", bundle, "--progress", "none")
     error = capsys.readouterr().err
     assert code == 2, error

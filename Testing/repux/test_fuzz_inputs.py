@@ -104,8 +104,8 @@ def test_bundles_with_mutated_model_json(work, bundle_seed, data):
     path = data.draw(st.sampled_from(fz.json_paths(metadata)))
     delete = bool(path) and data.draw(st.booleans())
     mutated = fz.replace_at(metadata, path, data.draw(fz.JSON_VALUES), delete=delete)
-    folder = fz.write_bundle(work / "bundles" / "b", bundle_seed, json.dumps(mutated), b"")
-    (folder / "model.safetensors").write_bytes((bundle_seed / "model.safetensors").read_bytes())
+    weights = (bundle_seed / "model.safetensors").read_bytes()
+    folder = fz.write_bundle(work / "bundles" / "b", json.dumps(mutated), weights)
     fz.outcome(lambda: load_bundle(folder), folder)
 
 
@@ -117,7 +117,7 @@ def test_bundles_with_mutated_safetensors_headers(work, bundle_seed, data):
     flips = data.draw(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6))
     truncate = data.draw(st.none() | st.integers(0, len(weights)))
     mutated = fz.mutate_safetensors(weights, length, flips, truncate)
-    folder = fz.write_bundle(work / "bundles" / "w", bundle_seed, (bundle_seed / "model.json").read_text(), mutated)
+    folder = fz.write_bundle(work / "bundles" / "w", (bundle_seed / "model.json").read_text(), mutated)
     fz.outcome(lambda: load_bundle(folder), folder)
 
 
