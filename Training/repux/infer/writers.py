@@ -118,9 +118,9 @@ def write_probabilities(
     """Write probabilities (C, I, J, K) as one 4-D float32 file on ``reference``'s grid."""
     require_suffix(path, PROBABILITY_SUFFIXES, "probabilities")
     channels = [to_sitk(reference.with_array(np.asarray(p, dtype=np.float32))) for p in probabilities]
-    image = sitk.JoinSeries(channels)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        run_cancellable(lambda: sitk.WriteImage(image, str(tmp), useCompression=True))
+        # Joining copies every channel once more: in the helper thread too, so a cancel acts at once.
+        run_cancellable(lambda: sitk.WriteImage(sitk.JoinSeries(channels), str(tmp), useCompression=True))
     return Path(path)
 
 
