@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import re
 import shutil
 import signal
 import struct
@@ -84,7 +85,8 @@ FINDINGS: dict[str, int] = {}
 
 def _finding(text: str) -> AssertionError:
     COUNTS["finding"] += 1
-    first = text.splitlines()[0][:300] if text else "?"
+    # One entry per kind of finding: the quoted values and numbers of each input left out.
+    first = re.sub(r"'[^']*'|\d+", "_", text.splitlines()[0])[:300] if text else "?"
     FINDINGS[first] = FINDINGS.get(first, 0) + 1
     return AssertionError(text)
 
@@ -226,6 +228,19 @@ def mutate_safetensors(data: bytes, length: int | None, flips: list[tuple[int, i
 
 
 # -- the Slicer runner -----------------------------------------------------------------------
+
+
+PROGRESS_KEYS = ["stage", "done", "total", "eta", "message", "loss", "dice", "iteration", "case"]
+RECORDS = st.dictionaries(st.sampled_from(PROGRESS_KEYS) | st.text(max_size=8), JSON_VALUES, max_size=6)
+#: Up to 6 ``(stream, line)`` pairs: progress records of any content, text, broken and deeply nested JSON.
+PROGRESS_LINES = st.lists(
+    st.tuples(
+        st.sampled_from(["out", "err"]),
+        RECORDS.map(json.dumps) | st.text(max_size=60) | st.text(max_size=40).map(lambda t: "{" + t)
+        | st.integers(1, 200_000).map(lambda n: '{"a": ' + "[" * n + "]" * n + "}"),
+    ),
+    max_size=6,
+)  # fmt: skip
 
 
 def runner_module():

@@ -161,15 +161,6 @@ def test_labels_files_with_mutated_values(work, data):
     fz.outcome(lambda: labels_from_json(folder / "labels.json"), folder)
 
 
-PROGRESS_KEYS = ["stage", "done", "total", "eta", "message", "loss", "dice", "iteration", "case"]
-RECORDS = st.dictionaries(st.sampled_from(PROGRESS_KEYS) | st.text(max_size=8), fz.JSON_VALUES, max_size=6)
-LINES = st.tuples(
-    st.sampled_from(["out", "err"]),
-    RECORDS.map(json.dumps) | st.text(max_size=60) | st.text(max_size=40).map(lambda t: "{" + t)
-    | st.integers(1, 200_000).map(lambda n: '{"a": ' + "[" * n + "]" * n + "}"),
-)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def job():
     """A real job (``repux --version``, finished at once) whose line handling is fed by hand."""
@@ -186,7 +177,7 @@ def job():
     "_handle_line; reported to the lead. Remove this mark once fixed.",
 )
 @CI
-@given(lines=st.lists(LINES, max_size=6))
+@given(lines=fz.PROGRESS_LINES)
 @example(lines=[("out", '{"stage": "infer", "done": 1, "total": "a"}')])
 @example(lines=[("out", '{"stage": "infer", "done": 1, "total": 2, "eta": Infinity}')])
 @example(lines=[("out", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")])
