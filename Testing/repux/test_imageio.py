@@ -220,3 +220,22 @@ def test_truncated_metaimage_and_nrrd_are_refused_as_truncated(tmp_path: Path, n
     reason = r"(truncated|expected \d+ bytes|fread got only)"
     with pytest.raises(VolumeError, match=rf"{name}: cannot be read as a medical volume.*{reason}"):
         read_volume(cut)
+
+
+@pytest.mark.parametrize("ndims", ["-1", "100", "99999999999", "abc"])
+def test_metaimage_with_an_impossible_ndims_is_refused_not_crashing(tmp_path: Path, ndims: str) -> None:
+    """Found by fuzzing: ITK's MetaImage reader dies (segmentation fault) on a negative or huge NDims.
+    Run in a child process, so that a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    good = write_volume(_oblique_volume(np.random.default_rng(10)), tmp_path / "good.mha")
+    bad = tmp_path / "ndims.mha"
+    bad.write_bytes(good.read_bytes().replace(b"NDims = 3\n", f"NDims = {ndims}\n".encode()))
+    script = (
+        "import sys\nfrom repux.imageio import VolumeError, read_volume\n"
+        "try:\n    read_volume(sys.argv[1])\nexcept VolumeError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert f"ndims.mha: NDims '{ndims}'; expected 3" in done.stdout

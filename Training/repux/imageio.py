@@ -307,6 +307,16 @@ def _metaimage_truncation(path: Path, fields: dict[str, str]) -> str | None:
     return None
 
 
+def _check_metaimage_dimensions(path: Path, fields: dict[str, str]) -> None:
+    """Refuse a MetaImage whose NDims or DimSize ITK cannot survive: a negative or huge NDims
+    crashes the reader (segmentation fault, found by fuzzing), so it never gets to see one."""
+    ndims, sizes = fields.get("ndims", ""), fields.get("dimsize", "").split()
+    if not (ndims.isdigit() and 1 <= int(ndims) <= 4):
+        raise VolumeError(f"{path}: NDims {ndims!r}; expected 3 (a 3-D volume)")
+    if len(sizes) != int(ndims) or not all(size.isdigit() and int(size) > 0 for size in sizes):
+        raise VolumeError(f"{path}: DimSize {fields.get('dimsize', '')!r}; expected {ndims} positive integers")
+
+
 def _check_text_header(path: Path, suffix: str) -> None:
     """Refuse a MetaImage or NRRD header with a zero or negative voxel size, and a truncated
     MetaImage file.
@@ -316,6 +326,8 @@ def _check_text_header(path: Path, suffix: str) -> None:
     """
     keys = ("elementspacing", "elementsize") if suffix in (".mha", ".mhd") else ("spacings",)
     fields = _text_header(path, suffix)
+    if suffix in (".mha", ".mhd"):
+        _check_metaimage_dimensions(path, fields)
     if suffix == ".mha" and (why := _metaimage_truncation(path, fields)):
         raise VolumeError(f"{path}: cannot be read as a medical volume: truncated file ({why})")
     for key in keys:
