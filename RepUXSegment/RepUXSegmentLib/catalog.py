@@ -72,7 +72,8 @@ class ModelEntry:
         return self.metadata.labels
 
     def card(self) -> dict[str, Any]:
-        """What the module shows about the model: labels, spacing, provenance and Dice."""
+        """What the module shows about the model: labels, spacing, provenance and Dice, and the
+        ``usage_warning`` (None, or e.g. that a demo model is not for real scans)."""
         provenance = dict(self.metadata.provenance)
         return {
             "name": self.name,
@@ -80,6 +81,7 @@ class ModelEntry:
             "source": self.source,
             "path": str(self.path),
             "description": self.metadata.description,
+            "usage_warning": self.metadata.usage_warning,
             "architecture": self.metadata.architecture,
             "labels": [
                 {"value": label.value, "name": label.name, "color": list(label.color)}
@@ -100,6 +102,8 @@ class ModelEntry:
         """The card as a few lines of plain text."""
         card = self.card()
         lines = [f"{card['name']} ({card['source']}, {card['architecture']})"]
+        if card["usage_warning"]:
+            lines.append(f"WARNING: {card['usage_warning']}")
         if card["description"]:
             lines.append(card["description"])
         lines.append("Labels: " + ", ".join(f"{item['value']} {item['name']}" for item in card["labels"]))

@@ -106,3 +106,10 @@ def test_a_published_checkpoint_is_imported_through_repux(catalog, tmp_path):
     assert "published" in catalog.names()
     with pytest.raises(FileExistsError):
         RepUXLogic(scene=None, catalog=catalog).import_checkpoint(checkpoint, "published", "repuxnet", "flare21")
+
+
+def test_demo_card_says_it_is_for_synthetic_phantoms_only(tmp_path):
+    entry = ModelCatalog(user_dir=tmp_path / "user").get("demo")
+    assert "synthetic phantoms only" in entry.card()["usage_warning"]
+    first_lines = entry.card_text().splitlines()[:2]
+    assert any(line.startswith("WARNING: ") and "not for real scans" in line for line in first_lines), first_lines

@@ -153,3 +153,40 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (1.0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def write_dicom_series(
+    volume: Volume, folder: Path, series: str = "1.2.826.0.1.3680043.2.1125.1.777", description: str = "",
+    prefix: str = "slice",
+) -> None:
+    """One CT slice per file, with the tags a series reader needs for the geometry (and a
+    series description when given)."""
+    import SimpleITK as sitk
+
+    from repux.imageio import to_sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = to_sitk(volume)
+    direction = image.GetDirection()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        tags = {
+            "0008|0060": "CT",
+            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.776",
+            "0020|000e": series,
+            "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+            "0020|0037": "\\".join(f"{v:.8f}" for v in (*direction[0::3], *direction[1::3])),
+            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+            "0008|0018": f"{series}.{k + 1}",
+        }
+        if description:
+            tags["0008|103e"] = description
+        for key, value in tags.items():
+            plane.SetMetaData(key, value)
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(plane)
+

@@ -124,3 +124,118 @@ def test_truncated_compressed_nifti_is_refused(tmp_path: Path) -> None:
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(VolumeError, match=r"cut.nii.gz.*truncated"):
         read_volume(truncated)
+
+
+def _patched_nifti(tmp_path: Path, name: str, patches: dict[int, bytes], array: np.ndarray | None = None) -> Path:
+    """A NIfTI-1 file written by ITK, then with header bytes replaced at the given offsets."""
+    import gzip
+
+    volume = _oblique_volume(np.random.default_rng(6))
+    if array is not None:
+        volume = volume.with_array(array)
+    plain = write_volume(volume, tmp_path / f"plain-{name.replace('.', '-')}.nii")
+    data = bytearray(plain.read_bytes())
+    for offset, value in patches.items():
+        data[offset : offset + len(value)] = value
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(bytes(data)) if name.endswith(".gz") else bytes(data))
+    return path
+
+
+def test_nifti_without_qform_and_sform_is_refused(tmp_path: Path) -> None:
+    """Both codes 0: ITK (and Slicer) take LPS axes at the origin, nibabel Analyze's flipped x axis,
+    centred: no answer agrees with every common reader, so the file is refused."""
+    import struct
+
+    for name in ("nocodes.nii", "nocodes.nii.gz"):
+        path = _patched_nifti(tmp_path, name, {252: struct.pack("<hh", 0, 0)})
+        with pytest.raises(VolumeError, match=rf"{name}.*qform_code and sform_code are both 0"):
+            read_volume(path)
+    # One code set is enough.
+    assert read_volume(_patched_nifti(tmp_path, "qform.nii", {252: struct.pack("<hh", 1, 0)})).shape == (7, 5, 4)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.9])
+def test_nifti_with_zero_or_negative_pixdim_is_refused(tmp_path: Path, value: float) -> None:
+    import struct
+
+    path = _patched_nifti(tmp_path, "pixdim.nii", {80 + 4: struct.pack("<f", value)})
+    with pytest.raises(VolumeError, match=rf"pixdim.nii.*pixdim\[2\] is {value:g}.*positive"):
+        read_volume(path)
+
+
+def test_negative_spacing_in_metaimage_and_nrrd_is_refused(tmp_path: Path) -> None:
+    volume = _oblique_volume(np.random.default_rng(7))
+    mha = write_volume(Volume(volume.array, (1.5, 2.0, 2.5), (0.0, 0.0, 0.0)), tmp_path / "good.mha")
+    text = mha.read_bytes()
+    assert b"ElementSpacing = 1.5 2 2.5\n" in text
+    bad = tmp_path / "negative.mha"
+    bad.write_bytes(text.replace(b"ElementSpacing = 1.5 2 2.5\n", b"ElementSpacing = 1.5 -2 2.5\n"))
+    with pytest.raises(VolumeError, match=r"negative.mha.*ElementSpacing.*-2.*positive"):
+        read_volume(bad)
+    zero = tmp_path / "zero.mha"
+    zero.write_bytes(text.replace(b"ElementSpacing = 1.5 2 2.5\n", b"ElementSpacing = 1.5 0 2.5\n"))
+    with pytest.raises(VolumeError, match=r"zero.mha.*ElementSpacing.*positive"):
+        read_volume(zero)
+    nrrd = tmp_path / "spacings.nrrd"
+    header = b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\nspacings: 1 -1 1\nencoding: raw\nendian: little\n\n"
+    nrrd.write_bytes(header + bytes(16))
+    with pytest.raises(VolumeError, match=r"spacings.nrrd.*spacings.*-1.*positive"):
+        read_volume(nrrd)
+
+
+
+@pytest.mark.parametrize("name", ["nan.nii", "nan.nii.gz", "nan.nrrd", "nan.mha"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_are_refused_in_every_format(tmp_path: Path, name: str, bad: float) -> None:
+    """ITK's NIfTI reader turns NaN and Inf into 0: the file itself is checked."""
+    from repux.infer import check_image
+
+    volume = _oblique_volume(np.random.default_rng(8))
+    array = volume.array.astype(np.float32)
+    array[3, 2, 1] = bad
+    path = write_volume(volume.with_array(array), tmp_path / name)
+    with pytest.raises(InputError, match=rf"{name}.*1 of 140 voxels are NaN or infinite"):
+        check_image(read_volume(path), str(path))
+
+
+def test_header_declaring_more_data_than_memory_is_refused_before_reading(tmp_path: Path) -> None:
+    """A gzip NRRD whose sizes claim 20 TB: refused from the header, not by a failed allocation."""
+    path = tmp_path / "huge.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 100000 100000 1000\nencoding: gzip\nendian: little\n\n")
+    with pytest.raises(VolumeError, match=r"huge.nrrd: its header declares 100000 x 100000 x 1000 voxels \(20000.0 GB\)"):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["cut.mha", "cut-raw.mha", "cut.nrrd", "cut-raw.nrrd"])
+def test_truncated_metaimage_and_nrrd_are_refused_as_truncated(tmp_path: Path, name: str) -> None:
+    """Every format the README lists: a file cut short is refused and said to be truncated."""
+    array = np.random.default_rng(9).integers(-1000, 1000, size=(40, 40, 30)).astype(np.int16)
+    image = to_sitk(Volume(array, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    whole = tmp_path / f"whole-{name}"
+    sitk.WriteImage(image, str(whole), useCompression="raw" not in name)
+    data = whole.read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: int(len(data) * 0.9)])
+    reason = r"(truncated|expected \d+ bytes|fread got only)"
+    with pytest.raises(VolumeError, match=rf"{name}: cannot be read as a medical volume.*{reason}"):
+        read_volume(cut)
+
+
+@pytest.mark.parametrize("ndims", ["-1", "100", "99999999999", "abc"])
+def test_metaimage_with_an_impossible_ndims_is_refused_not_crashing(tmp_path: Path, ndims: str) -> None:
+    """Found by fuzzing: ITK's MetaImage reader dies (segmentation fault) on a negative or huge NDims.
+    Run in a child process, so that a crash fails this test instead of ending the test run."""
+    import subprocess
+    import sys
+
+    good = write_volume(_oblique_volume(np.random.default_rng(10)), tmp_path / "good.mha")
+    bad = tmp_path / "ndims.mha"
+    bad.write_bytes(good.read_bytes().replace(b"NDims = 3\n", f"NDims = {ndims}\n".encode()))
+    script = (
+        "import sys\nfrom repux.imageio import VolumeError, read_volume\n"
+        "try:\n    read_volume(sys.argv[1])\nexcept VolumeError as error:\n    print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bad)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert f"ndims.mha: NDims '{ndims}'; expected 3" in done.stdout

@@ -187,12 +187,12 @@ def test_bad_images_are_refused_with_the_reason(bundle_2mm, array, message):
         Segmenter(bundle_2mm, device="cpu").segment(volume, source="scan.nii.gz")
 
 
-def test_image_without_negative_values_gets_a_note(bundle_2mm):
+def test_image_without_negative_values_gets_a_warning(bundle_2mm):
     image, _ = analytic_volume((30, 30, 20), (4.0, 4.0, 5.0))
     shifted = image.with_array((image.array.astype(np.int32) + 1024).astype(np.uint16))  # unsigned, no rescale
-    notes = Segmenter(bundle_2mm, device="cpu", network=IntensityClassifier()).predict(shifted, source="raw.nrrd").notes
-    assert any("raw.nrrd: no negative voxel values (minimum 24)" in note for note in notes)
-    assert Segmenter(bundle_2mm, device="cpu", network=IntensityClassifier()).predict(image).notes == []
+    prediction = Segmenter(bundle_2mm, device="cpu", network=IntensityClassifier()).predict(shifted, source="raw.nrrd")
+    assert any("raw.nrrd: no negative voxel values (minimum 24)" in warning for warning in prediction.warnings)
+    assert Segmenter(bundle_2mm, device="cpu", network=IntensityClassifier()).predict(image).warnings == []
 
 
 def test_padded_shape_is_a_multiple_of_16_and_at_least_the_patch():

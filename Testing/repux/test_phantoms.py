@@ -374,3 +374,47 @@ def test_make_phantoms_command(tmp_path):
     bad = run_cli(1, tmp_path / "bad", "--orientation", "XYZ")
     assert bad.returncode == 2 and "orientation 'XYZ'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_force_replaces_only_a_phantom_dataset_the_tool_wrote(tmp_path, monkeypatch):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not a phantom dataset written by repux make-phantoms"):
+        write_phantom_dataset(1, precious, overwrite=True, **SMALL)
+    assert (precious / "notes.txt").read_text() == "x"
+
+    # A dataset.json of another origin is not the tool's marker.
+    (precious / "dataset.json").write_text(json.dumps({"name": "mine", "training": []}))
+    with pytest.raises(FileExistsError, match="not a phantom dataset"):
+        write_phantom_dataset(1, precious, overwrite=True, **SMALL)
+
+    # The tool's own dataset with a file the user added is not replaced either.
+    ours = write_phantom_dataset(1, tmp_path / "ours", seed=1, **SMALL)
+    (ours / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        write_phantom_dataset(1, ours, overwrite=True, **SMALL)
+    assert (ours / "notes.txt").read_text() == "mine"
+
+    # The current folder (or one above it) is never replaced, and never a traceback.
+    monkeypatch.chdir(precious)
+    for target in (".", "..", "./"):
+        with pytest.raises(FileExistsError, match="refusing"):
+            write_phantom_dataset(1, target, overwrite=True, **SMALL)
+    assert (precious / "notes.txt").read_text() == "x"
+
+
+def test_make_phantoms_force_on_a_user_folder_or_dot_is_a_clear_error(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("x")
+    refused = run_cli(1, precious, "--force", "--progress", "none")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert "repux make-phantoms: error:" in refused.stderr and "not a phantom dataset" in refused.stderr
+    assert (precious / "notes.txt").read_text() == "x"
+    dot = subprocess.run(
+        [sys.executable, "-m", "repux", "make-phantoms", "1", ".", "--force", "--progress", "none"],
+        capture_output=True, text=True, timeout=120, cwd=precious,
+    )  # fmt: skip
+    assert dot.returncode == 2 and "Traceback" not in dot.stderr, dot.stderr
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]

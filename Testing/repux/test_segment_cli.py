@@ -17,8 +17,8 @@ import slicerio
 
 from repux.cli import main
 from repux.data.phantoms import make_phantom
-from repux.imageio import Volume, read_volume, to_sitk, write_volume
-from infer_support import save_tiny_bundle
+from repux.imageio import Volume, read_volume, write_volume
+from infer_support import save_tiny_bundle, write_dicom_series
 
 # Facts from Slicer's General Anatomy terminology (spec/TERMINOLOGY.md), written out here.
 FLARE_SEGMENTS = {
@@ -101,7 +101,7 @@ def test_progress_jsonl_reports_every_stage(bundle, phantom, tmp_path, capsys):
     assert segment(phantom, "-o", tmp_path / "l.nii.gz", "--model", bundle, "--progress", "jsonl") == 0
     records = read_jsonl(capsys.readouterr().out)
     stages = [r["stage"] for r in records if r.get("done") == 0]
-    assert stages == ["read", "preprocess", "infer", "export"]
+    assert stages == ["read", "preprocess", "infer", "export", "write"]
     infer = [r for r in records if r["stage"] == "infer"]
     assert infer[-1]["done"] == infer[-1]["total"] >= 1
     assert records[-1] == {"stage": "done", "outputs": [str(tmp_path / "l.nii.gz")], "skipped": []}
@@ -182,37 +182,10 @@ def test_volume_table_as_json(bundle, phantom, tmp_path):
         assert row["voxels"] == int(np.count_nonzero(labels.array == row["label"]))
 
 
-def _write_dicom_series(volume: Volume, folder: Path) -> None:
-    """One CT slice per file, with the tags a series reader needs for the geometry."""
-    folder.mkdir()
-    image = to_sitk(volume)
-    direction = image.GetDirection()
-    series = "1.2.826.0.1.3680043.2.1125.1.777"
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.1.776",
-            "0020|000e": series,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0037": "\\".join(f"{v:.8f}" for v in (*direction[0::3], *direction[1::3])),
-            "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-            "0008|0018": f"{series}.{k + 1}",
-        }
-        for key, value in tags.items():
-            plane.SetMetaData(key, value)
-        writer = sitk.ImageFileWriter()
-        writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(plane)
-
-
 def test_dicom_series_folder_input(bundle, tmp_path):
     image, _ = make_phantom(21, shape=(36, 32, 20), spacing=(7.0, 7.0, 9.0), oblique=False)
     dicom = tmp_path / "series"
-    _write_dicom_series(image, dicom)
+    write_dicom_series(image, dicom)
     output = tmp_path / "labels.nii.gz"
     assert segment(dicom, "-o", output, "--model", bundle, "--progress", "none") == 0
     read_back = read_volume(dicom)
@@ -361,7 +334,7 @@ def test_cancelling_mid_inference_leaves_no_output(tmp_path, signal_number):
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, error
+    assert process.returncode == 128 + signal_number, error  # 143 for SIGTERM, 130 for Ctrl-C
     assert "cancelled" in error
     assert json.loads(rest.splitlines()[-1]) == {"stage": "cancelled"}
     assert list(outputs.iterdir()) == []

@@ -3,25 +3,94 @@
 Everything is written under a temporary name in the destination's own folder (same file
 system, so the final ``os.replace`` is atomic) and renamed only when complete. An error,
 Ctrl-C or SIGTERM in between leaves the temporary removed and the destination untouched.
+
+Temporary names are ``.STEM.tmp-PID-XXXXXXXX.ENDING`` (PID: the writing process). A run
+killed outright (``kill -9``, a power cut) cannot remove its temporary; the next write of
+the same destination removes it once its process is gone (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+#: A temporary of a dead process is removed only once it is this old (s): a live process
+#: writing on another machine (a shared folder) keeps its file's time fresh.
+STALE_AFTER_S = 60.0
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    # Keep the full ending (".nii.gz", ".seg.nrrd") so writers that pick a format by name still do.
+    stem, dot, rest = name.partition(".")
+    return stem, dot + rest
+
 
 def _temp_sibling(path: Path) -> Path:
-    # Keep the full ending (".nii.gz", ".seg.nrrd") so writers that pick a format by name still do.
-    name = path.name
-    stem, dot, rest = name.partition(".")
-    return path.with_name(f".{stem}.tmp-{uuid.uuid4().hex[:8]}{dot}{rest}")
+    stem, ending = _split_name(path.name)
+    return path.with_name(f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ending}")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # type: ignore[attr-defined]
+        if not handle:
+            return False
+        code = ctypes.c_ulong()
+        ctypes.windll.kernel32.GetExitCodeProcess(handle, ctypes.byref(code))  # type: ignore[attr-defined]
+        ctypes.windll.kernel32.CloseHandle(handle)  # type: ignore[attr-defined]
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of ``path`` left beside it; return them.
+
+    Only this module's own names for ``path`` (``.STEM.tmp-PID-XXXXXXXX.ENDING``) whose
+    process no longer runs and that are at least :data:`STALE_AFTER_S` old: never a user's
+    file, nor the temporary of a write in progress.
+    """
+    path = Path(path)
+    stem, ending = _split_name(path.name)
+    pattern = re.compile(rf"\.{re.escape(stem)}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(ending)}")
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        match = pattern.fullmatch(sibling.name)
+        if match is None or _process_alive(int(match.group(1))):
+            continue
+        try:
+            if time.time() - sibling.lstat().st_mtime < STALE_AFTER_S:
+                continue
+            if sibling.is_dir() and not sibling.is_symlink():
+                shutil.rmtree(sibling)
+            else:
+                sibling.unlink()
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+        removed.append(sibling)
+    return removed
 
 
 @contextmanager
@@ -35,6 +104,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _temp_sibling(path)
     try:
         yield tmp
@@ -57,6 +127,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists; refusing to overwrite it (use --force)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = _temp_sibling(path)
     tmp.mkdir()
     try:
@@ -73,6 +144,24 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_replacing_working_folder(path: str | os.PathLike) -> Path:
+    """``path`` resolved; refused when it is the current folder or a folder above it.
+
+    Replacing a folder moves it aside and deletes it: the process (and the user's shell)
+    would be left standing in a deleted folder.
+
+    Raises:
+        FileExistsError: naming the folder and why.
+    """
+    resolved = Path(path).resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise FileExistsError(
+            f"{path}: is the current folder or holds it ({resolved}); refusing to replace it, even with --force"
+        )
+    return resolved
 
 
 def write_json(data: Any, path: str | os.PathLike, overwrite: bool = True) -> Path:

@@ -4,7 +4,8 @@ In ``jsonl`` mode every report is one JSON object on its own line of stdout, flu
 so a parent process can read progress while the job runs. Every object has ``stage``;
 counting reports add ``done``, ``total`` and ``eta`` (seconds, or null while unknown) and
 whatever fields the job adds (``loss``, ``dice``, ...). A job ends with a ``{"stage": "done"}``
-object, or ``{"stage": "error", "message": ...}`` / ``{"stage": "cancelled"}``.
+object, or ``{"stage": "error", "message": ...}`` / ``{"stage": "cancelled"}``. Warnings
+(a scan unlike the model's training data) are ``{"stage": "warning", "message": ...}``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+T = TypeVar("T")
 
 PROGRESS_MODES = ("bar", "jsonl", "none")
+#: The one help text of ``--progress`` in every command.
+PROGRESS_HELP = "bar (terminal bar on stderr, default), jsonl (one JSON object per line on stdout) or none"
 
 
 class Progress:
@@ -83,6 +89,16 @@ class Progress:
             else:
                 print(text, file=sys.stderr, flush=True)
 
+    def warning(self, text: str, **fields: Any) -> None:
+        """Something the user must see even without a progress display (a scan unlike the
+        training data): ``warning: TEXT`` on stderr, or a ``{"stage": "warning"}`` record."""
+        if self.mode == "jsonl":
+            self._emit({"stage": "warning", "message": text, **fields})
+        elif self._bar is not None:
+            self._bar.write(f"warning: {text}", file=sys.stderr)
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
     def finish(self, stage: str = "done", **fields: Any) -> None:
         """Close the current bar and, in jsonl mode, report the final ``stage``."""
         self._close_bar()
@@ -119,8 +135,49 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def run_cancellable(work: Callable[[], T], poll_s: float = 0.1) -> T:
+    """``work()``, run in a helper thread while this thread waits, so that Ctrl-C and SIGTERM act
+    within ``poll_s`` even while ``work`` is inside one long C call.
+
+    Python handles signals in the main thread between its own steps: a compressed ITK write
+    of a large volume (one C call) would hold a cancel off for tens of seconds. ITK and zlib
+    release the GIL while they work, so the waiting thread gets the signal at once. On a
+    cancel the helper thread is abandoned (a daemon: it ends with the process) and the
+    caller's cleanup (the atomic writers' temporary files) runs as usual.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = error
+
+    if threading.current_thread() is not threading.main_thread():
+        return work()  # no signals to wait for outside the main thread
+    helper = threading.Thread(target=target, name="repux-cancellable", daemon=True)
+    helper.start()
+    while helper.is_alive():
+        helper.join(poll_s)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+#: The signal that cancelled this process (SIGTERM), or None: Ctrl-C or not cancelled.
+_cancel_signal: int | None = None
+
+
 def _raise_interrupt(signum: int, _frame: Any) -> None:
+    global _cancel_signal
+    _cancel_signal = signum
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cancel_exit_code() -> int:
+    """The shell's exit status of a process ended by its cancelling signal: 128 + signal
+    number (143 for SIGTERM, 130 for Ctrl-C)."""
+    return 128 + int(_cancel_signal if _cancel_signal is not None else signal.SIGINT)
 
 
 def cancel_on_sigterm() -> None:

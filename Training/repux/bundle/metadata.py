@@ -19,7 +19,10 @@ Format version 1, an object with exactly these keys::
                      (64 hex digits), training_data, optimizer (text or object), iterations
                      (int), validation_dice ({label name or "mean": 0..1, or null where a label
                      never occurs in the validation cases}), command, seed
-                     (int), created (ISO 8601 time), repux_version.
+                     (int), created (ISO 8601 time), repux_version, synthetic_only (true:
+                     trained on synthetic phantoms only, a demo that is not for real scans),
+                     training_extent_mm ({"min": [x, y, z], "max": [x, y, z]}: the range of
+                     the training images' field of view in mm along RAS x, y, z).
 
 This module reads and checks JSON only; weights are checked against the architecture by
 :mod:`repux.bundle.store`.
@@ -96,6 +99,29 @@ class BundleMetadata:
     @property
     def out_chans(self) -> int:
         return int(self.network["out_chans"])
+
+    @property
+    def synthetic_only(self) -> bool:
+        """True when the provenance says the model saw synthetic phantoms only (the demo)."""
+        return self.provenance.get("synthetic_only") is True
+
+    @property
+    def usage_warning(self) -> str | None:
+        """What to tell a user wherever the model is chosen, or None when there is nothing to say."""
+        if not self.synthetic_only:
+            return None
+        return (
+            f"model {self.name!r} was trained on synthetic phantoms only: it is a demo, not for real scans "
+            "(its labels on a patient's CT mean nothing)"
+        )
+
+    @property
+    def training_extent_mm(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """(min, max) field of view of the training images in mm along RAS x, y, z, where recorded."""
+        extent = self.provenance.get("training_extent_mm")
+        if extent is None:
+            return None
+        return tuple(float(v) for v in extent["min"]), tuple(float(v) for v in extent["max"])
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,6 +231,7 @@ def _provenance(fields: JsonFields, labels: list[Label]) -> dict[str, Any]:
         "seed": ("an integer", is_int),
         "created": ("a string (ISO 8601 time)", is_text),
         "repux_version": ("a string", is_text),
+        "synthetic_only": ("true or false", lambda v: isinstance(v, bool)),
     }
     for key, (expected, check) in checks.items():
         if key in fields:
@@ -216,4 +243,14 @@ def _provenance(fields: JsonFields, labels: list[Label]) -> dict[str, Any]:
             if name not in names:
                 raise BundleError(f"{fields.source}: unknown key '{dice.key(name)}' (expected label names or 'mean')")
             dice.get(name, "a Dice score 0..1, or null", lambda v: v is None or (is_number(v) and 0 <= v <= 1))
+    if "training_extent_mm" in fields:
+        extent = fields.obj("training_extent_mm")
+        extent.only(("min", "max"))
+        positive = _three(lambda x: is_number(x) and x > 0)
+        low = extent.get("min", "3 positive numbers (mm, RAS x y z)", positive)
+        extent.get(
+            "max",
+            "3 numbers (mm, RAS x y z), each at least its 'min'",
+            lambda v: positive(v) and all(a <= b for a, b in zip(low, v)),
+        )
     return dict(fields.data)

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     enable_large_pages()  # before torch's first allocation
     args = build_parser().parse_args(argv)
-    from repux.progress import cancel_on_sigterm
+    from repux.progress import cancel_exit_code, cancel_on_sigterm
     from repux.supervision import watch_for_stop
 
     cancel_on_sigterm()
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"repux {args.command}: cancelled", file=sys.stderr)
-        return 130
+        return cancel_exit_code()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from repux.options import DEVICE_HELP
+
 HELP = "benchmark segmentation: the published way vs the optimized path, speed, memory and agreement"
 
 
@@ -45,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="reduced version (half-resolution CT, a four-window region timed, dense kernels only): "
-        "under 5 minutes on 2 cores",
+        "about 3 minutes on 2 cores",
     )
     parser.add_argument(
         "--model",
@@ -53,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="BUNDLE",
         help="trained bundle (folder or shipped name) for agreement; repeatable (default: demo)",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     parser.add_argument(
         "--timing-preset",
         metavar="NAME",

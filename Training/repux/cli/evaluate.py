@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from repux.errors import InputError
@@ -52,7 +53,11 @@ def case_name(path: Path) -> str:
 
 
 def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, reference) triples: one for two files, matched by name for two folders."""
+    """(case, prediction, reference) triples: one for two files, matched by name for two folders.
+
+    Folders: a reference without a prediction is an error; predictions without a reference
+    are named on stderr and left out.
+    """
     for path in (pred, gt):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file or folder")
@@ -71,7 +76,24 @@ def pair_cases(pred: Path, gt: Path) -> list[tuple[str, Path, Path]]:
     missing = sorted(set(references) - set(predictions))
     if missing:
         raise InputError(f"{pred}: no prediction for the reference case(s) {missing} in {gt}")
+    unmatched = sorted(set(predictions) - set(references))
+    if unmatched:
+        print(
+            f"repux evaluate: {pred}: {len(unmatched)} prediction(s) without a reference, not scored: {unmatched} "
+            f"(no such case in {gt})",
+            file=sys.stderr,
+        )
     return [(name, predictions[name], references[name]) for name in sorted(references)]
+
+
+def _refuse_table_over_inputs(args: argparse.Namespace) -> None:
+    from repux.paths import refuse_outputs_over_inputs
+
+    inputs = [Path(args.pred), Path(args.gt)]
+    if args.labels:
+        labels = Path(args.labels)
+        inputs += [p for p in labels.iterdir() if p.is_file()] if labels.is_dir() else [labels]
+    refuse_outputs_over_inputs({"score table": Path(args.output)}, inputs)
 
 
 def _json_value(value):
@@ -83,16 +105,21 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from repux.imageio import read_volume
-    from repux.infer.metrics import mean_dice, score_labels
     from repux.infer.writers import TABLE_SUFFIXES, require_suffix, write_table
+    from repux.paths import check_writable
 
     if args.output:
         require_suffix(args.output, TABLE_SUFFIXES, "--output")
+        _refuse_table_over_inputs(args)
+        check_writable(args.output, "score table")
         if Path(args.output).exists() and not args.force:
             raise FileExistsError(f"{args.output}: already exists; refusing to overwrite it (use --force)")
+
+    import numpy as np
+
+    from repux.infer.metrics import mean_dice, score_labels  # torch from here on
+
     named = resolve_labels(args.labels)
     rows, by_label = [], {}
     cases = pair_cases(Path(args.pred), Path(args.gt))

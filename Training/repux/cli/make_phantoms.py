@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from repux.progress import PROGRESS_MODES
+from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 HELP = "write N synthetic abdominal CT phantoms with FLARE organ labels as an MSD-style dataset folder"
 
@@ -25,8 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="axis code of every phantom, e.g. LPS, RAS, PIR (default: random per phantom)",
     )  # fmt: skip
     parser.add_argument("--no-oblique", action="store_true", help="axis-aligned grids only (no 2-10 degree tilt)")
-    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar", help="progress report (default bar)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it is a phantom dataset this command wrote")
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="bar", help=PROGRESS_HELP)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repux.errors import InputError
-from repux.progress import PROGRESS_MODES
+from repux.options import DEVICE_HELP, FAST_HELP
+from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 if TYPE_CHECKING:
     from repux.progress import Progress
@@ -41,14 +42,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "or a folder for several",
     )
     parser.add_argument("--model", default="demo", metavar="BUNDLE", help="bundle folder, or 'demo' (default)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     parser.add_argument(
         "--overlap", type=float, default=None, metavar="F", help="sliding-window overlap 0..<1 (default: the bundle's)"
     )
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="bfloat16 where native (CUDA GPUs, CPUs with AMX): faster, labels may vary a little",
+        help=FAST_HELP,
     )
     parser.add_argument(
         "--plain-network",
@@ -67,12 +68,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format", default=FORMATS[0], choices=FORMATS, help="label-map format in an output folder (default .nii.gz)"
     )
+    parser.add_argument(
+        "--series", metavar="UID", help="the DICOM series to read from a folder holding several (Series Instance UID)"
+    )
     parser.add_argument("--modality", metavar="NAME", help="refuse a bundle trained on another modality (e.g. CT)")
     parser.add_argument(
         "--progress",
         default="bar",
         choices=PROGRESS_MODES,
-        help="bar (terminal), jsonl (one JSON object per line on stdout) or none",
+        help=PROGRESS_HELP,
     )
     parser.add_argument(
         "--force", action="store_true", help="replace existing outputs (default: refuse, or skip done cases)"
@@ -98,9 +102,9 @@ def case_name(path: Path) -> str:
 
 
 def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
+    from repux.imageio import dicom_series
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series(folder))
 
 
 def find_inputs(inputs: list[str]) -> list[Path]:
@@ -166,6 +170,32 @@ def _outputs(case: Case) -> list[Path]:
     return [p for p in (case.probabilities, case.labels) if p is not None]
 
 
+def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
+    """Refuse outputs with a wrong ending, that cannot be written, that are inputs (CT images,
+    the bundle's files) or that collide; torch-free, before any image is read."""
+    from repux.infer.writers import TABLE_SUFFIXES, require_suffix
+    from repux.paths import check_writable, refuse_outputs_over_inputs
+
+    if args.volumes:
+        require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
+
+    outputs: dict[str, Path] = {}
+    for case in cases:
+        outputs[f"label map of {case.name}"] = case.labels
+        if case.probabilities is not None:
+            outputs[f"probabilities of {case.name}"] = case.probabilities
+    if args.volumes:
+        outputs["volume table"] = Path(args.volumes)
+    if len(cases) == 1:  # one case: "the label map", "the probabilities"
+        outputs = {what.replace(f" of {cases[0].name}", ""): path for what, path in outputs.items()}
+    model = Path(args.model)
+    inputs = [case.image for case in cases if case.image.is_file()]
+    inputs += [p for p in model.iterdir() if p.is_file()] if model.is_dir() else []
+    refuse_outputs_over_inputs(outputs, inputs)
+    for what, path in outputs.items():
+        check_writable(path, what)
+
+
 def run(args: argparse.Namespace) -> int:
     from repux.progress import Progress
 
@@ -175,21 +205,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, progress: Progress) -> int:
-    from repux.bundle import load_bundle
     from repux.imageio import read_volume
-    from repux.infer import Segmenter, check_modality
-    from repux.infer.writers import (
-        TABLE_SUFFIXES,
-        label_volumes,
-        require_suffix,
-        write_label_map,
-        write_probabilities,
-        write_table,
-    )
+    from repux.infer.writers import label_volumes, write_label_map, write_probabilities, write_table
+    from repux.options import check_device_name, check_overlap
 
+    check_device_name(args.device)
+    check_overlap(args.overlap)
     cases, single_file = plan_cases(args)
+    check_outputs(cases, args)
     if args.volumes:
-        require_suffix(args.volumes, TABLE_SUFFIXES, "--volumes")
         if Path(args.volumes).exists() and not args.force:
             raise FileExistsError(f"{args.volumes}: already exists; refusing to overwrite it (use --force)")
     if single_file and not args.force:
@@ -197,8 +221,13 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             if path.exists():
                 raise FileExistsError(f"{path}: already exists; refusing to overwrite it (use --force)")
 
+    from repux.bundle import load_bundle  # torch from here on
+    from repux.infer import Segmenter, check_modality
+
     bundle = load_bundle(args.model)
     check_modality(bundle, args.modality)
+    if bundle.metadata.usage_warning:
+        progress.warning(bundle.metadata.usage_warning)
     segmenter = Segmenter(
         bundle,
         device=args.device,
@@ -223,8 +252,9 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         try:
             progress.stage("read")
             progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
-            image = read_volume(case.image)
+            image = read_volume(case.image, series=args.series)
             prediction = segmenter.predict(image, probabilities=case.probabilities is not None, source=str(case.image))
+            progress.stage("write")
             if case.probabilities is not None:
                 write_probabilities(prediction.probabilities, image, case.probabilities, overwrite=args.force)
             write_label_map(prediction.labels, case.labels, bundle.labels, overwrite=args.force)
@@ -233,6 +263,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
                 raise
             failed.append(str(error))
             progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
+            continue
+        except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
+            if single_file:
+                raise
+            failed.append(f"{case.image}: {type(error).__name__}: {error}")
+            progress.message(f"failed {case.name}: {type(error).__name__}: {error}", case=case.name, failed=True)
             continue
         for note in prediction.notes:
             progress.message(note, case=case.name)

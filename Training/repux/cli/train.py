@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from repux.progress import PROGRESS_MODES
+from repux.options import DEVICE_HELP
+from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 from repux.train.config import KERNEL_CONVS, OPTIMIZERS
 
 HELP = "train or fine-tune a model on curated cases (BFR-AdamW, checkpoints, resume, torchrun)"
@@ -72,7 +73,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cache-mb", type=float, default=2048, metavar="MB", help="memory for preprocessed cases (default 2048; least used dropped)"
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation, split and sampling (default 0)")
     parser.add_argument("--workdir", metavar="DIR", help="checkpoints (default: OUTPUT_BUNDLE.work beside the bundle)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the work dir")
@@ -91,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--name", help="model name in the bundle (default: the output folder's name)")
     parser.add_argument(
-        "--progress", default="bar", choices=PROGRESS_MODES, help="bar (terminal), jsonl (one JSON object per line on stdout) or none"
+        "--progress", default="bar", choices=PROGRESS_MODES, help=PROGRESS_HELP
     )
     parser.add_argument(
         "--force", action="store_true", help="replace an existing output bundle and discard an earlier run's checkpoint"

@@ -22,6 +22,7 @@ made in 2-4 s on one core. ``shape`` and ``spacing`` override it, e.g.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from repux.atomic import atomic_dir, write_json
+from repux.atomic import atomic_dir, refuse_replacing_working_folder, write_json
 from repux.data.anatomy import Anatomy, axis_rotation
 from repux.errors import InputError
 from repux.imageio import Volume, write_volume
@@ -278,6 +279,43 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
+#: ``dataset.json`` "generator" "module" of a dataset this module wrote: the mark of its own output.
+GENERATOR_MODULE = "repux.data.phantoms"
+
+
+def check_replaceable_dataset(out_dir: Path) -> None:
+    """Refuse to replace ``out_dir`` unless it is exactly a phantom dataset this module wrote.
+
+    Ours: a folder with a ``dataset.json`` whose generator is :data:`GENERATOR_MODULE` and
+    nothing besides that file and the images and labels it lists; not the current folder.
+
+    Raises:
+        FileExistsError: naming the folder and what makes it not ours.
+    """
+    refuse_replacing_working_folder(out_dir)
+    refusal = f"{out_dir}: not a phantom dataset written by repux make-phantoms"
+    manifest_path = out_dir / "dataset.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        generator = manifest["generator"]["module"]
+        listed = {Path(entry[key]) for entry in manifest["training"] for key in ("image", "label")}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileExistsError(f"{refusal} (no dataset.json of it); refusing to replace it, even with --force") from None
+    if generator != GENERATOR_MODULE:
+        raise FileExistsError(f"{refusal} (its generator is {generator!r}); refusing to replace it, even with --force")
+    found = {
+        path.relative_to(out_dir)
+        for path in out_dir.rglob("*")
+        if not path.is_dir() or path.relative_to(out_dir).parts[0] not in ("imagesTr", "labelsTr")
+    }
+    others = sorted(str(p) for p in found - listed - {Path("dataset.json")})
+    if others:
+        raise FileExistsError(
+            f"{out_dir}: holds files that repux make-phantoms did not write ({', '.join(others[:5])}); "
+            "refusing to replace it, even with --force"
+        )
+
+
 def write_phantom_dataset(
     n: int,
     out_dir: str | os.PathLike,
@@ -300,7 +338,8 @@ def write_phantom_dataset(
 
     Raises:
         InputError: ``n`` below 1 or a bad phantom setting.
-        FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is False, or it is not a dataset
+            this function wrote (:func:`check_replaceable_dataset`).
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"number of phantoms {n!r}: expected an integer >= 1")
@@ -310,14 +349,17 @@ def write_phantom_dataset(
         raise InputError(f"phantom settings {unknown}: unknown; expected shape, spacing, oblique or orientation")
     _settings(phantom_kwargs.get("shape"), phantom_kwargs.get("spacing"), phantom_kwargs.get("orientation"))
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite it (use --force)")
+    if out_dir.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: already exists; refusing to overwrite it (use --force)")
+        check_replaceable_dataset(out_dir)
     case_seeds = [int(s) for s in np.random.default_rng(int(seed)).integers(0, 2**31 - 1, size=n)]
     width = max(3, len(str(n - 1)))
     training = []
     if progress is not None:
         progress.stage("phantoms", total=n)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    # Resolved: '.' or 'x/..' have no name for the temporary sibling.
+    with atomic_dir(out_dir.resolve(), overwrite=overwrite) as tmp:
         for index, case_seed in enumerate(case_seeds):
             name = f"phantom_{index:0{width}d}.nii.gz"
             image, label = make_phantom(case_seed, **phantom_kwargs)
@@ -338,7 +380,7 @@ def write_phantom_dataset(
             "training": training,
             "test": [],
             "generator": {
-                "module": "repux.data.phantoms",
+                "module": GENERATOR_MODULE,
                 "seed": int(seed),
                 "case_seeds": case_seeds,
                 "settings": {key: _json_ready(value) for key, value in phantom_kwargs.items()},

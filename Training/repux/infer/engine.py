@@ -28,10 +28,12 @@ from repux.infer.predict import (
     predict_probabilities,
     windows_fitting_memory,
 )
-from repux.infer.preprocess import PreprocessingConfig, check_image, preprocess
+from repux.infer.memory import case_memory_bytes, require_memory
+from repux.infer.preprocess import PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
+from repux.infer.scan_check import scan_warnings
+from repux.options import DEVICE_CHOICES, check_overlap
 from repux.progress import Progress
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -81,6 +83,8 @@ class Prediction:
         windows: number of sliding windows.
         seconds: wall time per stage ("preprocess", "infer", "export").
         notes: messages worth showing (out-of-memory retries, ignored options).
+        warnings: why the scan does not look like the model's training scans
+            (:func:`~repux.infer.scan_check.scan_warnings`); already reported to the progress.
     """
 
     labels: Volume
@@ -89,6 +93,7 @@ class Prediction:
     windows: int
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 class Segmenter:
@@ -120,8 +125,7 @@ class Segmenter:
         optimize: bool = True,
         windows_per_pass: int | None = None,
     ) -> None:
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise InputError(f"--overlap {overlap}: expected a number 0 <= overlap < 1")
+        check_overlap(overlap)
         self.bundle = bundle
         self.device = resolve_device(device)
         metadata = bundle.metadata
@@ -146,6 +150,22 @@ class Segmenter:
         self.predictor = WindowPredictor(model, self.device, fast)
         self.fast = fast
 
+    def _require_memory(self, volume: Volume, probabilities: bool, source: str) -> None:
+        """Refuse a case whose volumes cannot fit in memory, before allocating any of them."""
+        grid = plan_grids(volume, self.preprocessing)[2]
+        padded = padded_shape(grid.shape, self.preprocessing.patch_size)
+        needed = case_memory_bytes(
+            input_voxels=volume.array.size,
+            input_bytes=volume.array.nbytes,
+            model_voxels=int(np.prod(grid.shape, dtype=np.float64)),
+            padded_voxels=int(np.prod(padded, dtype=np.float64)),
+            channels=self.out_chans,
+            probabilities=probabilities,
+        )
+        spacing = " x ".join(f"{s:g}" for s in volume.spacing)
+        model = " x ".join(str(n) for n in grid.shape)
+        require_memory(needed, source, f"{spacing} mm voxels make a {model} grid at the model's spacing")
+
     def segment(self, volume: Volume, source: str = "image") -> Volume:
         """Labels of ``volume`` on its own voxel grid (see :meth:`predict`)."""
         return self.predict(volume, source=source).labels
@@ -154,16 +174,16 @@ class Segmenter:
         """Segment ``volume`` (HU); ``source`` names it in errors.
 
         Raises:
-            InputError: NaN/Inf or constant images (naming ``source``).
+            InputError: NaN/Inf or constant images, or images that need more memory than is
+                available (naming ``source``).
             torch.OutOfMemoryError: only when even one window on the CPU does not fit.
         """
         check_image(volume, source)
+        self._require_memory(volume, probabilities, source)
         notes: list[str] = []
-        if self.bundle.metadata.modality == "CT" and float(volume.array.min()) >= 0:
-            notes.append(
-                f"{source}: no negative voxel values (minimum {volume.array.min()}); a CT in HU has air at "
-                "about -1000: check that the image is a CT with its rescale applied"
-            )
+        warnings = scan_warnings(volume, self.bundle.metadata, source)
+        for warning in warnings:
+            self.progress.warning(warning, source=source)
         if self.fast and not native_bfloat16(self.device):
             notes.append(f"--fast (bf16) is not native on {self.device} here; running in float32")
         seconds: dict[str, float] = {}
@@ -184,9 +204,8 @@ class Segmenter:
         seconds["infer"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        self.progress.stage("export")
         # Map back where the probabilities already are: the GPU when they were stitched there.
-        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities)
+        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities, progress=self.progress)
         seconds["export"] = time.perf_counter() - start
         return Prediction(
             labels=volume.with_array(labels),
@@ -195,4 +214,5 @@ class Segmenter:
             windows=self.window.window_count(tuple(prepared.image.shape[2:])),
             seconds=seconds,
             notes=notes,
+            warnings=warnings,
         )

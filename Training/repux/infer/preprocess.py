@@ -151,17 +151,22 @@ def padded_shape(shape: tuple[int, ...], patch_size: tuple[int, ...]) -> tuple[i
     return tuple(max(p, -(-s // SIDE_MULTIPLE) * SIDE_MULTIPLE) for s, p in zip(shape, patch_size))
 
 
+def plan_grids(volume: Volume, config: PreprocessingConfig) -> tuple[AxisReorientation, Grid, Grid]:
+    """The exact reorientation of ``volume``, its reoriented grid and the whole model grid (no voxels touched)."""
+    source = Grid(volume.shape, volume.affine)
+    reorientation = AxisReorientation.towards(source, config.orientation)
+    input_grid = reorientation.grid(source)
+    return reorientation, input_grid, model_grid(input_grid, config.spacing, config.orientation)
+
+
 def preprocess(volume: Volume, config: PreprocessingConfig, device: torch.device | str = "cpu") -> Preprocessed:
     """Turn ``volume`` (HU) into the network input; resampling runs on ``device``.
 
     The returned image lives on the CPU (sliding-window inference moves windows).
     """
-    source = Grid(volume.shape, volume.affine)
-    reorientation = AxisReorientation.towards(source, config.orientation)
-    input_grid = reorientation.grid(source)
+    reorientation, input_grid, grid = plan_grids(volume, config)
     array = np.ascontiguousarray(reorientation.apply(volume.array), dtype=np.float32)
     hu = torch.from_numpy(array).to(device)[None]
-    grid = model_grid(input_grid, config.spacing, config.orientation)
     # Outside the input's field of view is air: the image's own minimum.
     hu = resample(hu, input_grid, grid, mode="linear", fill=float(array.min()))[0]
     margin = np.ceil(config.body_margin_mm / grid.spacing).astype(int)

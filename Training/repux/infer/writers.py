@@ -27,6 +27,7 @@ from repux.atomic import atomic_path, write_json
 from repux.bundle import Label
 from repux.errors import InputError
 from repux.imageio import Volume, to_sitk, write_volume
+from repux.progress import run_cancellable
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 #: File endings a label map can be written to, longest first.
@@ -107,7 +108,7 @@ def write_segmentation(
     }
     with atomic_path(path, overwrite=overwrite) as tmp:
         # zlib level 6: a tenth of level 9's time for files about 8 % larger.
-        slicerio.write_segmentation(str(tmp), segmentation, compression_level=6)
+        run_cancellable(lambda: slicerio.write_segmentation(str(tmp), segmentation, compression_level=6))
     return path
 
 
@@ -117,9 +118,9 @@ def write_probabilities(
     """Write probabilities (C, I, J, K) as one 4-D float32 file on ``reference``'s grid."""
     require_suffix(path, PROBABILITY_SUFFIXES, "probabilities")
     channels = [to_sitk(reference.with_array(np.asarray(p, dtype=np.float32))) for p in probabilities]
-    image = sitk.JoinSeries(channels)
     with atomic_path(path, overwrite=overwrite) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=True)
+        # Joining copies every channel once more: in the helper thread too, so a cancel acts at once.
+        run_cancellable(lambda: sitk.WriteImage(sitk.JoinSeries(channels), str(tmp), useCompression=True))
     return Path(path)
 
 
