@@ -20,6 +20,7 @@ CPU only here: the runtimes' GPU builds are not part of that extra.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import tempfile
 import warnings
@@ -73,14 +74,12 @@ def _fixed_depthwise(network: nn.Module, example: torch.Tensor) -> None:
 
         return hook
 
-    handles = [
-        module.register_forward_pre_hook(record(name))
-        for name, module in network.named_modules()
-        if isinstance(module, DepthwiseConv3d)
-    ]
-    network(example)
-    for handle in handles:
-        handle.remove()
+    # Shapes only: a copy on the meta device computes no values.
+    shapes_only = copy.deepcopy(network).to("meta")
+    for name, module in shapes_only.named_modules():
+        if isinstance(module, DepthwiseConv3d):
+            module.register_forward_pre_hook(record(name))
+    shapes_only(example.to("meta"))
     for name, size in sizes.items():
         parent_name, _, child = name.rpartition(".")
         depthwise = network.get_submodule(name)
