@@ -14,6 +14,7 @@ End-to-end times and label agreement are ``repux bench --cpu-backends``'s.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -50,6 +51,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", choices=("demo", "paper"), default="demo")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--variants", help="comma-separated variant names to run (default: all; torch float32 always)")
     parser.add_argument("--out", help="JSON results (default benchmarks/results/cpu_backends-WIDTH.json)")
     args = parser.parse_args()
     out = Path(args.out or HERE / "results" / f"cpu_backends-{args.width}.json")
@@ -57,17 +59,23 @@ def main() -> int:
     network, window, bundle = _network(args.width)
     window_input = phantom_calibration_windows(bundle, seeds=(7,))[0]
     x = torch.from_numpy(window_input)
-    calibration = phantom_calibration_windows(bundle)
+    calibration = functools.cache(lambda: phantom_calibration_windows(bundle))
     builders = {
         "torch float32": lambda: optimize_for_inference(network),
         "onnxruntime float32": lambda: backend_network(network, "onnxruntime", window),
         "openvino float32": lambda: backend_network(network, "openvino", window),
-        "onnxruntime int8": lambda: backend_network(network, "onnxruntime", window, quantize=True, calibration=calibration),
-        "openvino int8": lambda: backend_network(network, "openvino", window, quantize=True, calibration=calibration),
+        "onnxruntime int8": lambda: backend_network(network, "onnxruntime", window, quantize=True, calibration=calibration()),
+        "openvino int8": lambda: backend_network(network, "openvino", window, quantize=True, calibration=calibration()),
     }
     if native_bfloat16("cpu"):
         builders["torch bfloat16"] = lambda: optimize_for_inference(network, "cpu", InferenceOptions(precision="bfloat16"))
         builders["openvino bfloat16"] = lambda: backend_network(network, "openvino", window, precision="bfloat16")
+    if args.variants:
+        wanted = {"torch float32", *(name.strip() for name in args.variants.split(","))}
+        unknown = wanted - set(builders)
+        if unknown:
+            parser.error(f"--variants: unknown {', '.join(sorted(unknown))}; expected some of {', '.join(builders)}")
+        builders = {name: build for name, build in builders.items() if name in wanted}
     machine = machine_description("cpu")
     built, build_s = {}, {}
     for name, build in builders.items():

@@ -9,8 +9,9 @@
 #
 #     bash benchmarks/device_check.sh --fetch
 #
-# which writes .whl/requirements.txt (this venv's packages, less torch and its CUDA
-# libraries) and downloads their wheels for CPython 3.12 on manylinux x86_64 into .whl/
+# which writes .whl/requirements.txt (benchmarks/device_requirements.py: repux's run-time
+# dependencies and pytest with all of theirs, at this venv's versions, less torch and its
+# CUDA libraries) and downloads their wheels for CPython 3.12 on manylinux x86_64 into .whl/
 # (ignored by git; carry it to the device with the working tree):
 #
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -46,16 +47,12 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-WHEELS="$ROOT/.whl"
+WHEELS="${REPUX_WHEELS:-$ROOT/.whl}"
 log() { echo "[device_check $(date -u +%H:%M:%S)] $*" >&2; }
 
 if [ "$MODE" = fetch ]; then
     mkdir -p "$WHEELS"
-    # Everything the project's venv holds, but the project itself, torch and what comes with
-    # a CUDA torch (the device has those already).
-    "$PY" -m pip freeze --exclude-editable \
-        | grep -v -i -E '^((torch|triton|repux)(==| @)|nvidia-)' \
-        | grep -v '^-e ' > "$WHEELS/requirements.txt"
+    "$PY" "$ROOT/benchmarks/device_requirements.py" > "$WHEELS/requirements.txt"
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
