@@ -11,8 +11,8 @@ plain network on the same windows. Tolerances, and why:
 - 8-bit dense convolutions: argmax agreement on 90 % of voxels of a random network (whose
   logits are close to one another, the hardest case), and the dense convolutions, only
   they, quantized in the exported graph.
-ONNX Runtime is in the test extra; OpenVINO is in the cpu-backends extra only (60 MB of
-wheel), and its tests skip, saying so, where it is not installed.
+onnx, ONNX Runtime and OpenVINO are in the test extra (and in cpu-backends); the tests
+skip, saying so, only where they are not installed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from repux.accel.backends import BackendNetwork, backend_available, backend_netw
 from repux.bench.agreement import label_dice
 from repux.bench.paths import CPU_BACKEND_PATHS, OPTIMIZED, build_segmenter, phantom_calibration_windows
 from repux.bundle import load_bundle
+from repux.cli import main
 from repux.data.phantoms import make_phantom
+from repux.errors import InputError
+from repux.imageio import write_volume
+from repux.infer import Segmenter
 from repux.network import RepUXNet
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (test extra)")
@@ -120,3 +124,33 @@ def test_backend_path_segments_like_the_torch_path(tmp_path) -> None:
     patch = tuple(bundle.metadata.preprocessing["patch_size"])
     assert len(calibration) == 4 and all(w.shape == (1, 1, *patch) and w.dtype == np.float32 for w in calibration)
     assert len({float(w.std()) for w in calibration}) > 1  # different places of the phantom
+
+
+@needs_openvino
+def test_segmenter_on_openvino_gives_the_torch_paths_labels(tmp_path) -> None:
+    bundle = load_bundle(save_tiny_bundle(tmp_path / "tiny", spacing=(8.0, 8.0, 8.0)))
+    image, _ = make_phantom(3, shape=(64, 64, 24), spacing=(4.0, 4.0, 6.0))
+    expected = Segmenter(bundle, device="cpu").predict(image, probabilities=True)
+    segmenter = Segmenter(bundle, device="cpu", backend="openvino")
+    assert isinstance(segmenter.predictor.network, BackendNetwork)
+    assert segmenter.predictor.network.description == "openvino, float32"
+    got = segmenter.predict(image, probabilities=True)
+    assert np.abs(got.probabilities - expected.probabilities).max() < 1e-3
+    # A random network's probabilities are close to ties: a few voxels' argmax may flip.
+    assert min(label_dice(expected.labels.array, got.labels.array, 5)) > 0.99
+
+
+def test_segmenter_refuses_a_backend_it_cannot_run(tmp_path, capsys) -> None:
+    folder = save_tiny_bundle(tmp_path / "tiny", spacing=(8.0, 8.0, 8.0))
+    bundle = load_bundle(folder)
+    with pytest.raises(InputError, match="--backend tensorrt: expected torch or one of onnxruntime, openvino"):
+        Segmenter(bundle, device="cpu", backend="tensorrt")
+    with pytest.raises(InputError, match="not with --plain-network"):
+        Segmenter(bundle, device="cpu", backend="openvino", optimize=False)
+    image, _ = make_phantom(3, shape=(32, 32, 16), spacing=(4.0, 4.0, 6.0))
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(image, ct)
+    out = tmp_path / "labels.nii.gz"
+    code = main(["segment", str(ct), "--model", str(folder), "-o", str(out), "--backend", "openvino", "--plain-network"])
+    assert code == 2 and "not with --plain-network" in capsys.readouterr().err
+    assert not out.exists()

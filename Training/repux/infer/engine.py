@@ -112,6 +112,8 @@ class Segmenter:
             :func:`~repux.accel.optimize_for_inference` (the same function, faster).
         windows_per_pass: windows per forward pass; None: the bundle's, fewer on a CPU when
             their activations would not fit (:func:`~repux.infer.predict.windows_fitting_memory`).
+        backend: "torch", or "openvino": the optimized network exported to OpenVINO
+            (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Segmenter:
         network: nn.Module | None = None,
         optimize: bool = True,
         windows_per_pass: int | None = None,
+        backend: str = "torch",
     ) -> None:
         check_overlap(overlap)
         self.bundle = bundle
@@ -142,6 +145,8 @@ class Segmenter:
         self.progress = progress if progress is not None else Progress("none")
         self.out_chans = int(metadata.network["out_chans"])
         model = network
+        if backend != "torch":
+            model = self._backend_network(backend, network, optimize, fast)
         if model is None:
             model = bundle.build_network(device="cpu")
             if optimize:
@@ -149,6 +154,32 @@ class Segmenter:
                 model = optimize_for_inference(model, self.device, InferenceOptions())
         self.predictor = WindowPredictor(model, self.device, fast)
         self.fast = fast
+
+    def _backend_network(self, backend: str, network: nn.Module | None, optimize: bool, fast: bool) -> nn.Module:
+        """The bundle's network exported to ``backend`` for the sliding windows' shape.
+
+        Raises:
+            InputError: a backend that is unknown, not installed, not on a CPU, or combined
+                with ``network`` or ``optimize=False``.
+        """
+        from repux.accel.backends import BACKENDS, backend_available, backend_network
+
+        if backend not in BACKENDS:
+            raise InputError(f"--backend {backend}: expected torch or one of {', '.join(BACKENDS)}")
+        if self.device.type != "cpu":
+            raise InputError(f"--backend {backend}: runs on the CPU only; use --device cpu or --backend torch")
+        if network is not None or not optimize:
+            raise InputError(f"--backend {backend}: runs the bundle's optimized network (not with --plain-network)")
+        if not backend_available(backend):
+            raise InputError(f"--backend {backend}: not installed; pip install 'repux[cpu-backends]'")
+        metadata = self.bundle.metadata
+        return backend_network(
+            self.bundle.build_network(device="cpu"),
+            backend,
+            self.window.patch_size,
+            int(metadata.network["in_chans"]),
+            precision="bfloat16" if fast and backend == "openvino" and native_bfloat16("cpu") else "float32",
+        )
 
     def _require_memory(self, volume: Volume, probabilities: bool, source: str) -> None:
         """Refuse a case whose volumes cannot fit in memory, before allocating any of them."""
