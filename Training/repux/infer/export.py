@@ -22,9 +22,7 @@ import torch
 from repux.infer.grid import resample_chunks
 from repux.infer.preprocess import Preprocessed
 from repux.progress import Progress
-
-#: Stored value of a review map at 1.0: a byte per voxel, quantity = value / 255.
-REVIEW_SCALE = 255
+from repux.review import REVIEW_SCALE
 
 
 def label_dtype(channels: int) -> np.dtype:
