@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
             image = read_volume(case.image, series=args.series)
             # Refused before the inference, not after it.
-            existing = read_update(image, args, bundle.labels) if args.update else None
+            update_labels = read_update(image, args, bundle.labels) if args.update else None
             prediction = segmenter.predict(
                 image,
                 probabilities=case.probabilities is not None,
@@ -283,7 +283,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
                 review=wants_review_maps(case, args),
                 roi=box,
             )
-            case_review = review_prediction(prediction, image, case, args, bundle.labels, existing)
+            case_review = review_prediction(prediction, image, case, args, bundle.labels, update_labels)
             progress.stage("write")
             if case.probabilities is not None:
                 write_probabilities(prediction.probabilities, image, case.probabilities, overwrite=args.force)
