@@ -236,7 +236,7 @@ class RepUXLogic:
         labels = self._labels_for(segmentation_node, model)
         entry = self.catalog.get(model if model is not None else segmentation_node.GetAttribute(segmentations.MODEL_ATTRIBUTE))
         geometry = segmentations.reference_geometry(segmentation_node, volume_node)
-        before = segmentations.labelmap_array(segmentation_node, labels, geometry)
+        before = segmentations.labelmap_array(segmentation_node, labels, geometry, ignore_unknown=True)
         matrix = ijk_to_ras(volume_node)
         work_files: dict[str, Path] = {}
 

@@ -57,7 +57,6 @@ def confidence_color_node(scene: "slicer.vtkMRMLScene") -> "slicer.vtkMRMLColorT
         red, green = (1.0, 2 * value) if value < 0.5 else (2 * (1 - value), 1.0)
         # Confident voxels fade out so that the CT shows through where nothing needs a look.
         table.SetColor(index, f"{value:.2f}", red, green, 0.0, 1.0 - value)
-    table.SetRange(0.0, 1.0)
     table.SetAttribute("Category", "RepUXSegment")
     scene.AddNode(table)
     return table
@@ -103,7 +102,8 @@ def import_confidence(
 def _check_pair(segmentation_node, confidence_node, labels: Sequence[Label]):
     """The segments as a label map (K, J, I) on the confidence node's grid, and the confidence."""
     geometry = segmentations.reference_geometry(segmentation_node, confidence_node)
-    label_array = segmentations.labelmap_array(segmentation_node, labels, geometry)
+    # The user's own segments (a tumour, a note) are not the model's: left out of the review.
+    label_array = segmentations.labelmap_array(segmentation_node, labels, geometry, ignore_unknown=True)
     confidence = voxel_array(confidence_node)
     if confidence.shape != label_array.shape:
         raise InputError(f"confidence {confidence_node.GetName()!r}: grid {confidence.shape} differs from the segmentation's")

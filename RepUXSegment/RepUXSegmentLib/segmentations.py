@@ -224,12 +224,14 @@ def labelmap_array(
     segmentation_node: "slicer.vtkMRMLSegmentationNode",
     labels: Sequence[Label],
     geometry: "slicer.vtkOrientedImageData",
+    ignore_unknown: bool = False,
 ) -> np.ndarray:
     """The segments as one label map (K, J, I) on ``geometry``, each with its model value by name.
 
-    Where segments overlap, the later segment (in the segmentation's order) wins.
+    Where segments overlap, the later segment (in the segmentation's order) wins. Segments
+    the model does not know are refused, or left out with ``ignore_unknown``.
     """
-    values = values_by_segment(segmentation_node, labels)
+    values = values_by_segment(segmentation_node, labels, ignore_unknown)
     dims = geometry.GetDimensions()
     dtype = np.uint8 if max([0, *values.values()]) < 256 else np.uint16
     result = np.zeros((dims[2], dims[1], dims[0]), dtype=dtype)
