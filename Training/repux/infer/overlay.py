@@ -25,6 +25,8 @@ LABEL_OPACITY = 0.5
 #: Longest side of the display grid in voxels (bounds memory and picture size).
 DISPLAY_SIDE = 256
 PANEL_HEIGHT = 256
+#: Pixels above the panels for their names, and per legend row.
+CAPTION, LEGEND_ROW = 14, 18
 
 
 def _display_grid(volume: Volume, spacing: float) -> Grid:
@@ -51,6 +53,34 @@ def _planes(volume: Volume, display: Grid, centre: np.ndarray, mode: str, fill: 
     return [plane.numpy().T[::-1, ::-1] for plane in (axial, coronal, sagittal)]
 
 
+def _view_centre(ct: Volume, labels: Volume, centre_ras: np.ndarray | None) -> tuple[Grid, np.ndarray]:
+    """The display grid of ``ct`` and the display voxel the slices go through: ``centre_ras``,
+    default the labels' centroid (the volume's centre when there are none)."""
+    extent = np.array(ct.shape) * np.array(ct.spacing)
+    spacing = max(float(min(ct.spacing)), float(extent.max()) / DISPLAY_SIDE)
+    display = _display_grid(ct, spacing)
+    if centre_ras is None:
+        found = np.argwhere(labels.array > 0)
+        index = found.mean(axis=0) if found.size else (np.array(ct.shape) - 1) / 2
+        centre_ras = (labels.affine @ np.append(index, 1.0))[:3]
+    centre = (np.linalg.inv(display.affine) @ np.append(centre_ras, 1.0))[:3]
+    return display, np.clip(np.round(centre), 0, np.array(display.shape) - 1)
+
+
+def _canvas(panels: list[tuple[str, Image.Image]], legend_rows: int) -> tuple[Image.Image, int]:
+    """A black canvas with the named panels side by side and room for ``legend_rows`` rows
+    of legend below; returns it and the y of the legend's first row."""
+    width = max(sum(image.width for _, image in panels) + 10 * (len(panels) + 1), 10 + 4 * 160)
+    canvas = Image.new("RGB", (width, CAPTION + PANEL_HEIGHT + 10 + LEGEND_ROW * legend_rows + 10), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    left = 10
+    for name, image in panels:
+        draw.text((left, 1), name, fill=(255, 255, 255))
+        canvas.paste(image, (left, CAPTION))
+        left += image.width + 10
+    return canvas, CAPTION + PANEL_HEIGHT + 10
+
+
 def _colour(ct: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
     low, high = SOFT_TISSUE_WINDOW
     grey = np.clip((ct - low) / (high - low), 0, 1)[..., None] * 255.0
@@ -74,15 +104,7 @@ def render_overlay(
         centre_ras: the point (RAS mm) the slices go through; default: the labels' centroid
             (the volume's centre when there are none).
     """
-    extent = np.array(ct.shape) * np.array(ct.spacing)
-    spacing = max(float(min(ct.spacing)), float(extent.max()) / DISPLAY_SIDE)
-    display = _display_grid(ct, spacing)
-    if centre_ras is None:
-        found = np.argwhere(labels.array > 0)
-        index = found.mean(axis=0) if found.size else (np.array(ct.shape) - 1) / 2
-        centre_ras = (labels.affine @ np.append(index, 1.0))[:3]
-    centre = (np.linalg.inv(display.affine) @ np.append(centre_ras, 1.0))[:3]
-    centre = np.clip(np.round(centre), 0, np.array(display.shape) - 1)
+    display, centre = _view_centre(ct, labels, centre_ras)
     ct_views = _planes(ct, display, centre, "linear", float(ct.array.min()))
     label_views = [v.astype(np.int64) for v in _planes(labels, display, centre, "nearest", 0.0)]
     top = max(int(max(v.max() for v in label_views)), max(label.value for label in label_list))
@@ -97,20 +119,12 @@ def render_overlay(
         image = image.resize((max(1, round(image.width * scale)), PANEL_HEIGHT), Image.Resampling.NEAREST)
         panels.append((name, image))
 
-    caption, legend_row = 14, 18
     foreground = [label for label in sorted(label_list, key=lambda l: l.value) if label.value > 0]
-    width = max(sum(image.width for _, image in panels) + 10 * (len(panels) + 1), 10 + 4 * 160)
-    height = caption + PANEL_HEIGHT + 10 + legend_row * max(1, -(-len(foreground) // 4)) + 10
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas, top = _canvas(panels, max(1, -(-len(foreground) // 4)))
     draw = ImageDraw.Draw(canvas)
-    left = 10
-    for name, image in panels:
-        draw.text((left, 1), name, fill=(255, 255, 255))
-        canvas.paste(image, (left, caption))
-        left += image.width + 10
     for index, label in enumerate(foreground):
         x = 10 + (index % 4) * 160
-        y = caption + PANEL_HEIGHT + 10 + (index // 4) * legend_row
+        y = top + (index // 4) * LEGEND_ROW
         draw.rectangle((x, y, x + 12, y + 12), fill=tuple(label.color))
         draw.text((x + 18, y), label.name, fill=(255, 255, 255))
     with atomic_path(path, overwrite=overwrite) as tmp:
@@ -150,15 +164,7 @@ def render_review(
     """Write a PNG of the three orthogonal slices of ``ct`` with the confidence overlay
     (:func:`confidence_colours`; ``confidence`` 0..1, or bytes 0..255) and the organs' outlines
     in their colours, plus a legend of both. Slices as :func:`render_overlay` places them."""
-    extent = np.array(ct.shape) * np.array(ct.spacing)
-    spacing = max(float(min(ct.spacing)), float(extent.max()) / DISPLAY_SIDE)
-    display = _display_grid(ct, spacing)
-    if centre_ras is None:
-        found = np.argwhere(labels.array > 0)
-        index = found.mean(axis=0) if found.size else (np.array(ct.shape) - 1) / 2
-        centre_ras = (labels.affine @ np.append(index, 1.0))[:3]
-    centre = np.clip(np.round((np.linalg.inv(display.affine) @ np.append(centre_ras, 1.0))[:3]), 0,
-                     np.array(display.shape) - 1)
+    display, centre = _view_centre(ct, labels, centre_ras)
     scale = 255.0 if confidence.array.dtype == np.uint8 else 1.0
     confidence = confidence.with_array(np.asarray(confidence.array, dtype=np.float32) / scale)
     ct_views = _planes(ct, display, centre, "linear", float(ct.array.min()))
@@ -185,18 +191,10 @@ def render_review(
         pixels[edge] = palette[big_labels[edge]]
         panels.append((name, Image.fromarray(pixels)))
 
-    caption, legend_row, bar = 14, 18, 200
+    bar = 200
     foreground = [label for label in sorted(label_list, key=lambda l: l.value) if label.value > 0]
-    width = max(sum(image.width for _, image in panels) + 10 * (len(panels) + 1), 10 + 4 * 160)
-    height = caption + PANEL_HEIGHT + 10 + legend_row * (1 + max(1, -(-len(foreground) // 4))) + 10
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas, top = _canvas(panels, 1 + max(1, -(-len(foreground) // 4)))
     draw = ImageDraw.Draw(canvas)
-    left = 10
-    for name, image in panels:
-        draw.text((left, 1), name, fill=(255, 255, 255))
-        canvas.paste(image, (left, caption))
-        left += image.width + 10
-    top = caption + PANEL_HEIGHT + 10
     draw.text((10, top), "confidence 0", fill=(255, 255, 255))
     ramp, ramp_alpha = confidence_colours(np.linspace(0.0, 1.0, bar))
     for x in range(bar):
@@ -205,7 +203,7 @@ def render_review(
     draw.text((100 + bar + 6, top), "1 (clear)", fill=(255, 255, 255))
     for index, label in enumerate(foreground):
         x = 10 + (index % 4) * 160
-        y = top + legend_row * (1 + index // 4)
+        y = top + LEGEND_ROW * (1 + index // 4)
         draw.rectangle((x, y, x + 12, y + 12), outline=tuple(label.color), width=2)
         draw.text((x + 18, y), f"{label.name} (outline)", fill=(255, 255, 255))
     with atomic_path(path, overwrite=overwrite) as tmp:
