@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 import slicer
 from repux.bundle.labels import Label
 from repux.errors import InputError
 from repux.infer.roi import RasBox
 from repux.options import LOW_CONFIDENCE
-from repux.review import REVIEW_SCALE, organ_review, uncertain_regions
+from repux.review import CONNECTIVITY, REVIEW_SCALE, low_confidence_mask, organ_review, uncertain_regions
 
 from . import segmentations
 from .volumes import array_to_vtk_matrix, ijk_to_ras, image_data_from_array, read_volume_node, same_grid, voxel_array
@@ -152,6 +153,8 @@ class UncertainRegionTour:
         segmentation_node, confidence_node, labels: the result to review and the model's labels.
         threshold: confidence below which a voxel is low-confidence.
         min_voxels: smaller regions are not visited (single noisy voxels).
+        visited: :attr:`visited` of an earlier tour (e.g. before the confidence was updated by
+            a re-segmentation): regions holding a point visited then are not visited again.
 
     :meth:`next_region` returns a dict: ``ras`` (the point to centre the views on, a voxel of
     the region), ``voxels``, ``volume_ml``, ``organs`` (names of the labels the region
@@ -166,30 +169,39 @@ class UncertainRegionTour:
         labels: Sequence[Label],
         threshold: float = LOW_CONFIDENCE,
         min_voxels: int = 1,
+        visited: Collection[tuple[int, int, int]] = (),
     ) -> None:
         label_array, confidence = _check_pair(segmentation_node, confidence_node, labels)
-        self._regions = uncertain_regions(confidence, label_array, _spacing_kji(confidence_node), threshold, min_voxels)
+        regions = uncertain_regions(confidence, label_array, _spacing_kji(confidence_node), threshold, min_voxels)
+        self.visited: set[tuple[int, int, int]] = set(visited)
+        if self.visited:
+            # Which region each visited point lies in: the same 26-connected labelling.
+            numbers, _ = ndimage.label(low_confidence_mask(confidence, threshold), structure=CONNECTIVITY)
+            seen = {int(numbers[point]) for point in self.visited} - {0}
+            regions = [r for r in regions if int(numbers[r.centre]) not in seen]
+        self._regions = regions
         self._names = {label.value: label.name for label in labels}
         self._node = confidence_node
-        self._visited: set[tuple[int, int, int]] = set()
+        self._done = 0
 
     def __len__(self) -> int:
         return len(self._regions)
 
     def next_region(self) -> dict[str, Any] | None:
-        for region in self._regions:
-            if region.centre in self._visited:
-                continue
-            self._visited.add(region.centre)
+        """The largest region not visited yet (see the class), or None."""
+        for region in self._regions[self._done:]:
+            self._done += 1
+            self.visited.add(region.centre)
             return {
                 "ras": ras_of(self._node, region.centre),
                 "voxels": region.voxels,
                 "volume_ml": region.volume_ml,
                 "organs": [self._names.get(value, f"label {value}") for value in region.labels],
-                "number": len(self._visited),
-                "left": len(self._regions) - len(self._visited),
+                "number": self._done,
+                "left": len(self._regions) - self._done,
             }
         return None
+
 
 
 def roi_box(roi_node: "slicer.vtkMRMLMarkupsROINode", volume_node=None) -> RasBox:

@@ -138,6 +138,11 @@ def test_next_uncertain_region_visits_largest_first_never_twice_and_names_the_or
         i, j, k = np.round((np.array(visit["ras"]) - (10.0, -20.0, 5.0)) / 2.0).astype(int)
         assert confidence[k, j, i] < 128 and all(s.start <= x < s.stop for s, x in zip(box, (k, j, i)))
     assert tour.next_region() is None  # never twice
+    # A new tour (e.g. after a re-segmentation) given the old one's visits starts with nothing left.
+    again = review.UncertainRegionTour(segmentation, confidence_node, FLARE, visited=tour.visited)
+    assert again.next_region() is None
+    fresh = review.UncertainRegionTour(segmentation, confidence_node, FLARE, visited=list(tour.visited)[:0])
+    assert fresh.next_region()["voxels"] == 125
 
 
 def test_roi_resegmentation_keeps_every_edit_outside_the_box(reviewed, tmp_path):
