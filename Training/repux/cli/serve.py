@@ -146,6 +146,7 @@ def _serve(args: argparse.Namespace, tokens) -> int:
         retention_s=args.retention,
     )
     models = _served_models(args.models)
+    import repux.infer.preprocess  # noqa: F401 - the upload checks' imports, before the first upload waits for them
     work_dir = Path(args.work_dir).expanduser()
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     manager = JobManager(work_dir, {name: m.path for name, m in models.items()}, _devices(args.device), limits)

@@ -173,13 +173,12 @@ def create_app(manager: JobManager, tokens: TokenStore, models: dict[str, Served
         try:
             await _receive(request, folder / job.input_name, limit, shown)
             await run_in_threadpool(check_volume, folder / job.input_name, shown)
-            refusal = manager.admission_error(who)  # others may have submitted during the upload
+            refusal = manager.submit(job)  # others may have submitted during the upload
             if refusal is not None:
                 raise ApiError(*refusal)
         except BaseException:
             await run_in_threadpool(_remove_tree, folder)
             raise
-        manager.submit(job)
         return manager.status(job)
 
     @app.get("/v1/jobs")

@@ -257,6 +257,7 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
 def _segment_case(client: ServerClient, image: Path, output: Path, suffix: str, args, progress: "Progress", limit: int) -> None:
     import tempfile
 
+    from repux.errors import InputError
     from repux.imageio import read_volume, volume_suffix, write_volume
 
     options = {"overlap": args.overlap, "fast": args.fast or None, "modality": args.modality}

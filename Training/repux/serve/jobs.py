@@ -114,7 +114,7 @@ class JobManager:
         self._queue: deque[str] = deque()
         self._processes: dict[str, subprocess.Popen] = {}
         self._cancel: dict[str, threading.Event] = {}
-        self._lock = threading.Condition()
+        self._lock = threading.Condition(threading.RLock())
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
@@ -204,16 +204,22 @@ class JobManager:
                 )
         return None
 
-    def submit(self, job: Job) -> Job:
-        """Queue ``job``, whose folder holds its input already."""
+    def submit(self, job: Job) -> tuple[int, str] | None:
+        """Queue ``job``, whose folder holds its input already; or return why not (see :meth:`admission_error`).
+
+        Checked and queued under one lock, so concurrent submissions never pass a limit together.
+        """
         with self._lock:
+            refusal = self.admission_error(job.owner)
+            if refusal is not None:
+                return refusal
             self._jobs[job.id] = job
             self._records[job.id] = []
             self._cancel[job.id] = threading.Event()
             self._save(job)
             self._queue.append(job.id)
             self._lock.notify_all()
-        return job
+        return None
 
     # -- reading ----------------------------------------------------------------------
     def get(self, job_id: str, owner: str) -> Job | None:
