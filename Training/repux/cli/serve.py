@@ -86,7 +86,7 @@ def _served_models(names: list[str]) -> dict:
             raise InputError(f"--models {name}: a second model named {key!r}; expected distinct folder names")
         card = model_card(key, folder, "shipped" if folder.parent == SHIPPED_MODELS_DIR.resolve() else "server", bundle.metadata)
         card.pop("path")  # the server's folders are not the client's business
-        served[key] = ServedModel(folder, card)
+        served[key] = ServedModel(folder, card, bundle.metadata.to_json())
     return served
 
 

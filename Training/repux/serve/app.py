@@ -48,10 +48,11 @@ class ApiError(Exception):
 
 @dataclass
 class ServedModel:
-    """A model the server offers: its bundle folder and its catalog card (without the server's path)."""
+    """A model the server offers: its bundle folder, catalog card (without the server's path) and ``model.json``."""
 
     path: Path
     card: dict[str, Any]
+    metadata: dict[str, Any]
 
 
 def shown_name(filename: str) -> str:
@@ -137,6 +138,13 @@ def create_app(manager: JobManager, tokens: TokenStore, models: dict[str, Served
     @app.get("/v1/models")
     def list_models(_who: str = Depends(owner)) -> dict[str, Any]:
         return {"models": [models[name].card for name in sorted(models)]}
+
+    @app.get("/v1/models/{name}")
+    def model(name: str, _who: str = Depends(owner)) -> dict[str, Any]:
+        """The card and the bundle's ``model.json`` (labels with terminology, for the client's import)."""
+        if name not in models:
+            raise ApiError(404, f"model {name[:80]!r}: not served here; expected one of {sorted(models)}")
+        return {"card": models[name].card, "metadata": models[name].metadata}
 
     @app.post("/v1/jobs", status_code=201)
     async def submit(

@@ -134,6 +134,10 @@ class ServerClient:
         """The catalog cards of the served models."""
         return self._json("GET", "/v1/models")["models"]
 
+    def model(self, name: str) -> dict[str, Any]:
+        """``{"card": ..., "metadata": ...}`` of one served model (``metadata``: its ``model.json``)."""
+        return self._json("GET", f"/v1/models/{_quote(name)}")
+
     def submit(self, path: str | os.PathLike, model: str, output: str = ".seg.nrrd", filename: str | None = None, **options: Any) -> dict[str, Any]:
         """Upload the CT at ``path`` and queue a job; return its status (``id``, ``state``, ...)."""
         path = Path(path)
