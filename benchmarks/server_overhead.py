@@ -10,7 +10,8 @@ as the Slicer module uploads it), one model, the same device:
    check), queue wait, compute (the server's ``repux segment`` process), download.
 
 The server runs each job as its own ``repux segment`` process, so "compute" contains the same
-process start and model load as the local run. Results: a table in
+process start and model load as the local run. The paths run interleaved, ``--repeats`` times
+each, with the server started once beforehand. Results: a table in
 ``benchmarks/results/server_overhead.md`` and the figures in ``server_overhead.json``.
 
     python benchmarks/server_overhead.py                       # demo model, CPU
@@ -79,6 +80,7 @@ def main() -> int:
     parser.add_argument("--shape", type=int, nargs=3, default=(512, 512, 300), metavar=("I", "J", "K"))
     parser.add_argument("--model", default="demo")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each path, interleaved (medians reported)")
     parser.add_argument("--output", default=str(HERE / "results" / "server_overhead.md"))
     args = parser.parse_args()
 
@@ -90,18 +92,25 @@ def main() -> int:
         size_mb = ct.stat().st_size / 1024**2
         load_start = os.getloadavg()
 
-        local_s = timed_segment([str(ct), "-o", str(folder / "local.seg.nrrd"), "--model", args.model, "--device", args.device])
         server = start_server(folder / "server", [args.model], "--device", args.device, "--max-upload-mb", str(4 * size_mb + 64))
+        local_runs, client_runs, phase_runs = [], [], []
         try:
-            argv = [str(ct), "-o", str(folder / "client.seg.nrrd"), "--model", args.model]
-            client_s = timed_segment([*argv, "--server", server.url, "--token-file", str(server.token_file)])
-            steps = phases(server.client(retry_s=60), ct, args.model, folder / "phases.seg.nrrd")
+            # Interleaved, so that load from other jobs on the machine falls on every path alike.
+            for _ in range(args.repeats):
+                argv = [str(ct), "-o", str(folder / "local.seg.nrrd"), "--model", args.model, "--force"]
+                local_runs.append(timed_segment([*argv, "--device", args.device]))
+                argv = [str(ct), "-o", str(folder / "client.seg.nrrd"), "--model", args.model, "--force"]
+                client_runs.append(timed_segment([*argv, "--server", server.url, "--token-file", str(server.token_file)]))
+                (folder / "phases.seg.nrrd").unlink(missing_ok=True)
+                phase_runs.append(phases(server.client(retry_s=60), ct, args.model, folder / "phases.seg.nrrd"))
         finally:
             server.stop()
         local = read_volume(folder / "local.seg.nrrd").array
         identical = all(np.array_equal(local, read_volume(folder / n).array) for n in ("client.seg.nrrd", "phases.seg.nrrd"))
+    local_s, client_s = float(np.median(local_runs)), float(np.median(client_runs))
+    steps = {key: float(np.median([run[key] for run in phase_runs])) for key in phase_runs[0]}
 
-    beyond = steps["total"] - steps["compute"]  # upload, queue wait, download and polling latency
+    beyond = float(np.median([run["total"] - run["compute"] for run in phase_runs]))  # upload, queue, download, polling
     results = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "repux": __version__,
@@ -113,6 +122,10 @@ def main() -> int:
         "upload_mb": round(size_mb, 1),
         "model": args.model,
         "device": args.device,
+        "repeats": args.repeats,
+        "local_runs_s": local_runs,
+        "client_runs_s": client_runs,
+        "phase_runs_s": phase_runs,
         "local_s": local_s,
         "client_s": client_s,
         "client_over_local": client_s / local_s,
@@ -137,12 +150,14 @@ def report(r: dict) -> str:
 
 CT: `make_phantom(0, shape=({', '.join(map(str, r['shape']))}))`, {shape} voxels, uploaded as uncompressed NRRD ({r['upload_mb']} MiB), server on 127.0.0.1.
 
-| path | seconds | against local |
-|---|---:|---:|
-| local `repux segment` (reference) | {r['local_s']:.1f} | **1.00** |
-| `repux segment --server` (CLI client, end to end) | {r['client_s']:.1f} | **{r['client_over_local']:.3f}** |
+Medians of {r['repeats']} interleaved runs per path (each run in the JSON file).
 
-The same job through the API, phase by phase:
+| path | seconds | against local | runs s |
+|---|---:|---:|---|
+| local `repux segment` (reference) | {r['local_s']:.1f} | **1.00** | {', '.join(f'{t:.1f}' for t in r['local_runs_s'])} |
+| `repux segment --server` (CLI client, end to end) | {r['client_s']:.1f} | **{r['client_over_local']:.3f}** | {', '.join(f'{t:.1f}' for t in r['client_runs_s'])} |
+
+The same job through the API, phase by phase (medians):
 
 | upload + volume check | queue wait | compute (server's `repux segment` process) | download | total |
 |---:|---:|---:|---:|---:|

@@ -34,6 +34,14 @@ def settings(server) -> ServerSettings:
     return ServerSettings.from_token_file(server.url, server.token_file)
 
 
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """The logic's folder for temporary files (the catalog's models are elsewhere in tmp_path)."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    return folder
+
+
 def test_connection_reports_version_and_model_cards(server, settings, catalog):
     logic = RepUXLogic(slicer.vtkMRMLScene(), catalog)
     info = logic.test_connection(settings.url, settings.token)
@@ -48,10 +56,8 @@ def test_connection_reports_version_and_model_cards(server, settings, catalog):
         logic.test_connection("http://127.0.0.1:9", settings.token)
 
 
-def test_server_segmentation_equals_the_local_one(server, settings, catalog, phantoms, tmp_path):
+def test_server_segmentation_equals_the_local_one(server, settings, catalog, phantoms, work):
     scene = slicer.vtkMRMLScene()
-    work = tmp_path / "work"
-    work.mkdir()
     logic = RepUXLogic(scene, catalog, temp_dir=work)
     volume = load_into_scene(scene, phantoms["oblique"][0])
     local = logic.segment(volume, "tiny", device="cpu")
@@ -76,10 +82,8 @@ def test_server_segmentation_equals_the_local_one(server, settings, catalog, pha
     assert server.job_files() == []  # and on the server
 
 
-def test_cancel_returns_at_once_and_leaves_both_sides_clean(server, settings, catalog, phantoms, tmp_path):
+def test_cancel_returns_at_once_and_leaves_both_sides_clean(server, settings, catalog, phantoms, work):
     scene = slicer.vtkMRMLScene()
-    work = tmp_path / "work"
-    work.mkdir()
     logic = RepUXLogic(scene, catalog, temp_dir=work)
     volume = load_into_scene(scene, phantoms["ras"][0])
     before = scene_state(scene)
@@ -99,10 +103,8 @@ def test_cancel_returns_at_once_and_leaves_both_sides_clean(server, settings, ca
     assert server.client()._json("GET", "/v1/jobs")["jobs"] == []
 
 
-def test_options_a_server_cannot_take_are_refused_before_anything_starts(settings, catalog, phantoms, tmp_path):
+def test_options_a_server_cannot_take_are_refused_before_anything_starts(settings, catalog, phantoms, work):
     scene = slicer.vtkMRMLScene()
-    work = tmp_path / "work"
-    work.mkdir()
     logic = RepUXLogic(scene, catalog, temp_dir=work)
     volume = load_into_scene(scene, phantoms["ras"][0])
     with pytest.raises(InputError, match="plain_network"):

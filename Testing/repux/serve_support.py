@@ -33,13 +33,14 @@ class RunningServer:
     token_file: Path
     work_dir: Path
     log: Path
+    cafile: str | None = None
 
     @property
     def token(self) -> str:
         return read_first_token(self.token_file)
 
     def client(self, token: str | None = None, retry_s: float = 5.0) -> ServerClient:
-        return ServerClient(self.url, token or self.token, retry_s=retry_s)
+        return ServerClient(self.url, token or self.token, cafile=self.cafile, retry_s=retry_s)
 
     def job_files(self) -> list[Path]:
         """Every file under the work folder's jobs (uploads, results, records)."""
@@ -59,8 +60,13 @@ class RunningServer:
         self.process.wait()
 
 
-def start_server(folder: Path, models: list[str], *options: str, port: int | None = None) -> RunningServer:
-    """Start ``repux serve`` on 127.0.0.1 with its token file and work folder in ``folder``; wait until it answers."""
+def start_server(
+    folder: Path, models: list[str], *options: str, port: int | None = None, cafile: str | None = None
+) -> RunningServer:
+    """Start ``repux serve`` on 127.0.0.1 with its token file and work folder in ``folder``; wait until it answers.
+
+    ``cafile``: the certificate to trust when ``options`` give ``--certfile`` (HTTPS).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     token_file, work_dir, log = folder / "tokens", folder / "work", folder / f"server-{port}-{time.monotonic_ns()}.log"
@@ -68,14 +74,15 @@ def start_server(folder: Path, models: list[str], *options: str, port: int | Non
     command += ["--work-dir", str(work_dir), "--device", "cpu", "--models", *models, *options]
     with open(log, "w") as stream:
         process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = RunningServer(process, f"http://127.0.0.1:{port}", token_file, work_dir, log)
+    scheme = "https" if "--certfile" in options else "http"
+    server = RunningServer(process, f"{scheme}://127.0.0.1:{port}", token_file, work_dir, log, cafile)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"repux serve exited with code {process.returncode}:\n{log.read_text()}")
         try:
             if token_file.exists():
-                ServerClient(server.url, "none").health()
+                ServerClient(server.url, "none", cafile=cafile).health()
                 return server
         except ServerError:
             pass

@@ -316,3 +316,33 @@ def test_client_refuses_what_the_server_cannot_honour(server, tmp_path, capsys):
     assert "(HTTP 401)" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
     assert ServerClient(server.url, server.token).models()[0]["labels"]
+
+
+def test_a_token_file_others_can_read_is_refused(tmp_path, capsys):
+    token_file = tmp_path / "tokens"
+    assert main(["serve", "--token-file", str(token_file), "--add-token"]) == 0
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token_file.chmod(0o644)
+    assert main(["serve", "--token-file", str(token_file), "--work-dir", str(tmp_path / "work")]) == 2
+    assert f"{token_file}: token file is accessible to other users (mode 644); expected 600" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+
+def test_https_with_the_users_certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (made with the openssl command): trusted when given, refused when not."""
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    server = start_server(tmp_path / "server", ["demo"], "--certfile", str(cert), "--keyfile", str(key), cafile=str(cert))
+    try:
+        assert server.url.startswith("https://")
+        assert server.client().info()["name"] == "repux"
+        with pytest.raises(ServerError, match="CERTIFICATE_VERIFY_FAILED"):
+            ServerClient(server.url, server.token).info()  # the system's CAs do not know it
+        with pytest.raises(ServerError):
+            ServerClient(server.url.replace("https", "http"), server.token, retry_s=0).info()  # no plain HTTP
+    finally:
+        server.stop()

@@ -366,7 +366,8 @@ class JobManager:
                     if record is None:
                         continue
                     with self._lock:
-                        self._records.setdefault(job.id, []).append(record)
+                        if job.id in self._records:  # else deleted while it runs
+                            self._records[job.id].append(record)
                     log.write(json.dumps(record) + "\n")
                     log.flush()
             process.wait()
