@@ -27,7 +27,10 @@ TOKEN_BYTES = 32
 
 
 def new_token() -> str:
-    return secrets.token_urlsafe(TOKEN_BYTES)
+    """A random token that does not start with "-" (so ``--revoke-token TOKEN`` parses)."""
+    while (token := secrets.token_urlsafe(TOKEN_BYTES)).startswith("-"):
+        pass
+    return token
 
 
 def fingerprint(token: str) -> str:
