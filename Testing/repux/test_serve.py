@@ -329,15 +329,18 @@ def test_a_token_file_others_can_read_is_refused(tmp_path, capsys):
     assert not (tmp_path / "work").exists()
 
 
-def test_https_with_the_users_certificate(tmp_path):
-    """A self-signed certificate for 127.0.0.1 (made with the openssl command): trusted when given, refused when not."""
+def test_https_time_limit_and_retention(tmp_path):
+    """HTTPS with a self-signed certificate for 127.0.0.1 (made with the openssl command): trusted when
+    given, refused when not. On that server, a job over the time limit is stopped and reported, and a
+    finished job is deleted after the retention time."""
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
          "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
         check=True, capture_output=True,
     )
-    server = start_server(tmp_path / "server", ["demo"], "--certfile", str(cert), "--keyfile", str(key), cafile=str(cert))
+    tls = ["--certfile", str(cert), "--keyfile", str(key)]
+    server = start_server(tmp_path / "server", ["demo"], *tls, "--job-time-limit", "1", "--retention", "3", cafile=str(cert))
     try:
         assert server.url.startswith("https://")
         assert server.client().info()["name"] == "repux"
@@ -345,5 +348,17 @@ def test_https_with_the_users_certificate(tmp_path):
             ServerClient(server.url, server.token).info()  # the system's CAs do not know it
         with pytest.raises(ServerError):
             ServerClient(server.url.replace("https", "http"), server.token, retry_s=0).info()  # no plain HTTP
+
+        client = server.client()
+        job = client.submit(phantom_file(tmp_path, 14), "demo")  # the job's process alone takes over 1 s to start
+        list(client.follow(job["id"]))
+        status = client.status(job["id"])
+        assert status["state"] == "failed" and "longer than the server's time limit (1 s)" in status["error"]
+        assert not job_processes(server.work_dir)
+        assert {p.name for p in server.job_files()} <= {"job.json", "records.jsonl"}
+        with pytest.raises(ServerError) as expired:
+            wait_until(lambda: not client.status(job["id"]), 10, what="job deleted after the retention time")
+        assert expired.value.status == 404
+        assert server.job_files() == []
     finally:
         server.stop()
