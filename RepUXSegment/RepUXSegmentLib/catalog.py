@@ -6,14 +6,16 @@ by the ``repux`` process that uses them.
 
 - Shipped: ``repux/models/<name>`` inside the installed package (``demo``).
 - User folder: ``$REPUX_MODELS_DIR``, else the folder the caller passes (the module passes
-  its setting), else ``~/.repux/models``. Imported bundles, imported ``.pth`` checkpoints
+  its setting), else ``~/.repux/models`` (:func:`repux.hub.folders.models_dir`, the folder
+  ``repux models`` uses too). Downloaded and imported published models, imported bundles
   and retrained versions are stored there, one folder per model; the folder name is the
   model's catalog name.
+- Available: published models of the registry (:mod:`repux.hub.registry`) not installed
+  yet, with their download size; :meth:`ModelCatalog.available` lists them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -27,25 +29,18 @@ from repux.bundle.errors import BundleError
 from repux.bundle.labels import Label, read_json_file
 from repux.bundle.metadata import BundleMetadata
 from repux.errors import InputError
+from repux.hub.folders import DEFAULT_USER_MODELS_DIR, MODELS_DIR_ENV, WORK_SUFFIX, models_dir
+from repux.hub.listing import bundle_folders, shipped_models_dir
+from repux.hub.registry import PublishedModel, load_registry
 
-MODELS_DIR_ENV = "REPUX_MODELS_DIR"
-DEFAULT_USER_MODELS_DIR = Path("~/.repux/models")
+__all__ = ["DEFAULT_USER_MODELS_DIR", "MODELS_DIR_ENV", "WORK_SUFFIX", "ModelCatalog", "ModelEntry", "read_bundle_metadata", "shipped_models_dir"]
+
 MODEL_JSON = "model.json"
 WEIGHTS_FILE = "model.safetensors"
 SHIPPED, USER = "shipped", "user"
-#: ``repux train -o BUNDLE`` keeps its checkpoints in ``BUNDLE.work`` (for --resume).
-WORK_SUFFIX = ".work"
 
 _VERSION_SUFFIX = re.compile(r"-v(\d+)$")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def shipped_models_dir() -> Path | None:
-    """``models`` inside the importable ``repux`` package (found without importing torch)."""
-    spec = importlib.util.find_spec("repux")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
 def read_bundle_metadata(folder: str | os.PathLike) -> BundleMetadata:
@@ -113,20 +108,15 @@ class ModelCatalog:
     """
 
     def __init__(self, user_dir: str | os.PathLike | None = None, shipped_dir: str | os.PathLike | None = None) -> None:
-        chosen = os.environ.get(MODELS_DIR_ENV) or user_dir or DEFAULT_USER_MODELS_DIR
-        self.user_dir = Path(chosen).expanduser().resolve()
+        self.user_dir = models_dir(user_dir)
         self.shipped_dir = Path(shipped_dir) if shipped_dir is not None else shipped_models_dir()
         self.problems: list[str] = []
 
     def _scan(self, folder: Path | None, source: str) -> list[ModelEntry]:
         entries = []
-        if folder is None or not folder.is_dir():
-            return entries
-        for child in sorted(folder.iterdir()):
-            # Temporary folders of unfinished atomic writes start with a dot; "NAME.work" holds
-            # the checkpoints of a (cancelled) training run of NAME.
-            if not child.is_dir() or child.name.startswith((".", "_")) or child.name.endswith(WORK_SUFFIX):
-                continue
+        # Hidden folders (unfinished writes, partial downloads) and "NAME.work" (checkpoints of
+        # a cancelled training run) are left out.
+        for child in bundle_folders(folder):
             try:
                 entries.append(ModelEntry(child.name, child.resolve(), source, read_bundle_metadata(child)))
             except InputError as error:
@@ -148,6 +138,19 @@ class ModelCatalog:
 
     def names(self) -> list[str]:
         return [entry.name for entry in self.models()]
+
+    def available(self) -> list[PublishedModel]:
+        """Published models that can be downloaded and are not installed (nor shipped) yet.
+
+        Each has ``size_text`` ("size unknown" where the authors publish none) and
+        ``card_text()``; the registry is :mod:`repux.hub.registry`'s (``$REPUX_REGISTRY``).
+        """
+        taken = {entry.name for entry in self.models()} | {path.name for path in bundle_folders(self.user_dir)}
+        return [model for model in load_registry().models if model.importable and model.name not in taken]
+
+    def published(self, name: str) -> PublishedModel:
+        """The registry entry ``name`` (raises InputError naming the registry's models)."""
+        return load_registry().get(name)
 
     def get(self, model: "str | os.PathLike | ModelEntry") -> ModelEntry:
         """A model by catalog name, or any bundle folder given as a path.

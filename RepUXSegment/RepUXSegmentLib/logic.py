@@ -14,6 +14,9 @@ Example::
     logic.export_labelmap(segmentation, "/tmp/labels.nii.gz")
     case = logic.add_case(volume_node, segmentation, "/data/curated", "demo")
     entry = logic.retrain("/data/curated", "demo", None, iterations=200)
+    [m.name for m in logic.catalog.available()]                 # published, not installed
+    job = logic.download_model("uxnet-flare", wait=False)       # a background download
+    entry = logic.import_model_file("uxnet-flare", "/media/usb/uxnet_flare.pth")  # offline
 """
 
 from __future__ import annotations
@@ -242,17 +245,20 @@ class RepUXLogic:
     # -- curation and training ----------------------------------------------------------
     def add_case(
         self,
-        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        volume_node: "slicer.vtkMRMLScalarVolumeNode | None",
         segmentation_node: "slicer.vtkMRMLSegmentationNode",
         training_set_dir: str | os.PathLike,
         model: "str | os.PathLike | ModelEntry",
     ) -> str:
-        """Add the volume and its (corrected) segmentation to a training set; return the case id.
+        """Add the segmentation and the CT it was made on to a training set; return the case id.
 
-        See :mod:`.trainingset` for the layout. Refuses segments whose names ``model`` does
-        not know; never overwrites a case.
+        ``volume_node``: None for the segmentation's own reference volume; a volume given
+        must be that one (see :func:`.segmentations.source_volume`). See :mod:`.trainingset`
+        for the layout. Refuses segments whose names ``model`` does not know; never
+        overwrites a case.
         """
         entry = self.catalog.get(model)
+        volume_node = segmentations.source_volume(segmentation_node, volume_node)
         return trainingset.add_case(volume_node, segmentation_node, training_set_dir, entry.labels, entry.name)
 
     def retrain(
@@ -317,6 +323,55 @@ class RepUXLogic:
             python=self.python,
             finish=lambda: self.catalog.add(target),
             description=f"repux import-checkpoint ({Path(checkpoint).name})",
+        )
+        return job.wait() if wait else job
+
+    # -- published models -----------------------------------------------------------------
+    def download_model(
+        self,
+        name: str,
+        wait: bool = True,
+        progress: Progress | None = None,
+        timeout: float | None = None,
+        labels: str | None = None,
+    ) -> "ModelEntry | RepuxJob":
+        """Download the published model ``name`` into the user's model folder (``repux models pull``).
+
+        Nothing is downloaded unless this is called (the user's click). Progress records carry
+        bytes (``done``/``total``); Cancel keeps the partial download for the next attempt and
+        installs nothing. ``labels``: a label preset instead of the registry's ("flare21").
+        Returns the new :class:`.catalog.ModelEntry` (``wait=True``) or the job.
+        """
+        model = self.catalog.published(name)
+        words = ["pull", model.name, *option_arguments({"timeout": timeout, "labels": labels})]
+        return self._models_job(words, model.name, wait, progress, f"repux models pull {model.name}")
+
+    def import_model_file(
+        self,
+        name: str,
+        path: str | os.PathLike,
+        wait: bool = True,
+        progress: Progress | None = None,
+        labels: str | None = None,
+    ) -> "ModelEntry | RepuxJob":
+        """Install a checkpoint of the published model ``name`` downloaded by hand (``repux models import``).
+
+        The file gets the same checks as a download (web page, size, SHA-256, weights-only
+        loading, the registry's network) and is left where it is. ``labels`` as in
+        :meth:`download_model`.
+        """
+        model = self.catalog.published(name)
+        words = ["import", model.name, str(Path(path).expanduser().resolve()), *option_arguments({"labels": labels})]
+        description = f"repux models import {model.name} ({Path(path).name})"
+        return self._models_job(words, model.name, wait, progress, description)
+
+    def _models_job(
+        self, words: list[str], name: str, wait: bool, progress: Progress | None, description: str
+    ) -> "ModelEntry | RepuxJob":
+        """``repux models WORDS`` on the catalog's folder; its result is the catalog entry ``name``."""
+        args = ["models", *words, "--models-dir", str(self.catalog.user_dir), "--progress", "jsonl"]
+        job = RepuxJob(
+            args, python=self.python, finish=lambda: self.catalog.get(name), progress=progress, description=description
         )
         return job.wait() if wait else job
 

@@ -1,23 +1,33 @@
-"""Running ``repux`` subcommands in a separate process that reports progress as JSON lines.
+"""Model jobs (``python -m repux ...``) and installs (``python -m pip ...``) in child processes.
 
-The GUI process never imports torch: every model job is ``python -m repux ...`` in a child
-process started in its own session (POSIX) or process group (Windows), so that Cancel can
-end the child and everything it started. Output is read by two background threads into a
-queue; progress callbacks, the finishing step (which may touch the MRML scene) and the
-clean-up all run in the thread that calls :meth:`RepuxJob.poll`, which in Slicer is the GUI
-thread (a QTimer), never in a reader thread.
+The GUI process never imports torch: every model job is a child Python, started without a
+console window (Windows) in its own process session (POSIX) or group (Windows). Output is
+read by two background threads into a queue; progress callbacks, the finishing step (which
+may touch the MRML scene) and the clean-up all run in the thread that calls
+:meth:`ProcessJob.poll`, which in Slicer is the GUI thread (a QTimer), never in a reader
+thread. Nothing here blocks that thread for longer than it takes to read the queue.
+
+Stopping a job: :meth:`ProcessJob.cancel` only asks, and returns at once. It creates the
+job's cancel file, which the child's watchdog (``repux.supervision``) notices within half a
+second on every platform, and on POSIX it also sends SIGTERM to the job's process group;
+either way the child unwinds like Ctrl-C and removes its partial output. Whatever of the
+process tree is still running when the grace period is over is killed by :meth:`poll`.
+A child also stops by itself when the process that started it is gone (a crash, a kill),
+because the watchdog watches ``REPUX_PARENT_PID`` too.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import queue
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -25,15 +35,23 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from repux.supervision import CANCEL_FILE_ENV, PARENT_PID_ENV
+
 #: Environment variable that names the Python interpreter for ``repux`` jobs explicitly.
 PYTHON_ENV_VAR = "REPUX_PYTHON"
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
 
-#: Seconds a job gets to stop after SIGTERM (it removes its partial output) before SIGKILL.
+#: Seconds a job gets to stop after Cancel (it removes its partial output) before it is killed.
 TERMINATE_GRACE_S = 10.0
 #: Lines of the job's stderr kept for the error text and the module's log.
 LOG_LINES = 400
+
+
+#: The module's running jobs by kind ("segment", "retrain", ...). Kept here, in a module that
+#: Slicer's "Reload" of the scripted module does not re-import, so that a retrain started
+#: before a reload is found and shown again by the new widget.
+background_jobs: dict[str, "ProcessJob"] = {}
 
 
 class JobError(RuntimeError):
@@ -85,7 +103,7 @@ def repux_command(args: Sequence[str], python: str | None = None) -> list[str]:
     return [python or python_executable(), "-m", "repux", *[str(a) for a in args]]
 
 
-def _child_environment() -> dict[str, str]:
+def _child_environment(cancel_file: Path) -> dict[str, str]:
     env = dict(os.environ)
     # The child must import the same repux as this process (in Slicer: the copy shipped in the
     # extension's module folder, which is not on the interpreter's default path).
@@ -94,28 +112,51 @@ def _child_environment() -> dict[str, str]:
         parts = [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_PID_ENV] = str(os.getpid())
+    env[CANCEL_FILE_ENV] = str(cancel_file)
     return env
+
+
+def _hidden_process_options() -> dict[str, Any]:
+    """Popen options: no console window and a process group of its own (Windows, as
+    ``slicer.util.launchConsoleProcess`` hides it), a session of its own (POSIX)."""
+    if os.name != "nt":
+        return {"start_new_session": True}
+    startup = subprocess.STARTUPINFO()  # type: ignore[attr-defined]
+    startup.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # type: ignore[attr-defined]
+    startup.wShowWindow = subprocess.SW_HIDE  # type: ignore[attr-defined]
+    return {"startupinfo": startup, "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None (a job's record may hold anything: it is input)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
 
 
 def describe_progress(record: dict[str, Any]) -> str:
     """One line for a progress record: stage, count, loss, validation Dice, time left.
 
-    e.g. ``train · 120/200 · loss 0.4120 · validation Dice 0.831 · 35 s left``.
+    e.g. ``train · 120/200 · loss 0.4120 · validation Dice 0.831 · 35 s left``. Fields that
+    are missing or not finite numbers are left out.
     """
     parts = [str(record.get("stage") or "")]
-    if record.get("total"):
-        parts.append(f"{record.get('done', 0)}/{record['total']}")
-    if isinstance(record.get("loss"), (int, float)):
-        parts.append(f"loss {float(record['loss']):.4f}")
-    if isinstance(record.get("dice"), (int, float)):
-        parts.append(f"validation Dice {float(record['dice']):.3f}")
-    if isinstance(record.get("eta"), (int, float)):
-        parts.append(f"{int(round(record['eta']))} s left")
+    done, total = _number(record.get("done")), _number(record.get("total"))
+    if total:
+        parts.append(f"{int(done or 0)}/{int(total)}")
+    loss, dice, eta = (_number(record.get(key)) for key in ("loss", "dice", "eta"))
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if dice is not None:
+        parts.append(f"validation Dice {dice:.3f}")
+    if eta is not None:
+        parts.append(f"{int(round(eta))} s left")
     return " · ".join(part for part in parts if part)
 
 
-class RepuxJob:
-    """A ``repux`` subcommand running in the background.
+class ProcessJob:
+    """A child process running in the background that may report progress as JSON lines.
 
     Call :meth:`poll` regularly (or :meth:`wait`) from the thread that owns the scene: it
     delivers progress records to ``progress`` and, when the process has exited successfully,
@@ -123,29 +164,32 @@ class RepuxJob:
     once, after success, failure or cancel.
 
     Attributes:
+        command: the child's command line.
         state: "running", "succeeded", "failed" or "cancelled".
         records: every JSON progress record received, in order.
         latest: the last record with a ``done`` count (what a progress bar shows), or None.
         log: recent lines of the child's stderr and non-JSON stdout.
+        warnings: messages of ``{"stage": "warning"}`` records (shown to the user as they come).
         error: the error text of a failed job (the child's own message where it gave one).
         result: what ``finish()`` returned.
     """
 
     def __init__(
         self,
-        args: Sequence[str],
+        command: Sequence[str],
         *,
-        python: str | None = None,
         finish: Callable[[], Any] | None = None,
         cleanup: Callable[[], None] | None = None,
         progress: Callable[[dict[str, Any]], None] | None = None,
         description: str = "",
     ) -> None:
-        self.description = description or " ".join(["repux", *[str(a) for a in args[:1]]])
+        self.command = [str(word) for word in command]
+        self.description = description or " ".join(self.command[:1])
         self.state = RUNNING
         self.records: list[dict[str, Any]] = []
         self.latest: dict[str, Any] | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self.warnings: list[str] = []
         self.error: str | None = None
         self.result: Any = None
         self.returncode: int | None = None
@@ -153,18 +197,12 @@ class RepuxJob:
         self._cleanup = cleanup
         self._progress = progress
         self._cancel_requested = False
+        self._kill_at: float | None = None
+        self._killed = False
         self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._open_streams = 2
-        popen_options: dict[str, Any] = {}
-        if os.name == "nt":
-            popen_options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
-        else:
-            popen_options["start_new_session"] = True
-        try:
-            self.command = repux_command(args, python)
-        except BaseException:
-            self._run_cleanup()
-            raise
+        self._control_dir = Path(tempfile.mkdtemp(prefix="repux-job-"))
+        self.cancel_file = self._control_dir / "cancel"
         try:
             self.process = subprocess.Popen(
                 self.command,
@@ -175,8 +213,8 @@ class RepuxJob:
                 encoding="utf-8",
                 errors="replace",
                 bufsize=1,
-                env=_child_environment(),
-                **popen_options,
+                env=_child_environment(self.cancel_file),
+                **_hidden_process_options(),
             )
         except OSError as error:
             self._run_cleanup()
@@ -196,7 +234,7 @@ class RepuxJob:
         if name == "out" and line.startswith("{"):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not a record: a line of the log
                 record = None
         if not isinstance(record, dict):
             if line.strip():
@@ -205,8 +243,10 @@ class RepuxJob:
         self.records.append(record)
         if "message" in record:
             self.log.append(str(record["message"]))
-        if "done" in record:
-            self.latest = record
+            if record.get("stage") == "warning":
+                self.warnings.append(str(record["message"]))
+        if _number(record.get("done")) is not None and (record.get("total") is None or _number(record.get("total"))):
+            self.latest = record  # only a record with a count a progress bar can show
         if self._progress is not None:
             self._progress(record)
 
@@ -216,18 +256,27 @@ class RepuxJob:
         return self.state == RUNNING
 
     @property
+    def cancelling(self) -> bool:
+        """True between :meth:`cancel` and the end of the job."""
+        return self._cancel_requested and self.state == RUNNING
+
+    @property
     def pid(self) -> int:
         return self.process.pid
 
     @property
     def fraction(self) -> float | None:
         """Share of the current stage done (0..1), or None while unknown."""
-        if not self.latest or not self.latest.get("total"):
+        if not self.latest or not _number(self.latest.get("total")):
             return None
-        return min(1.0, max(0.0, float(self.latest.get("done") or 0) / float(self.latest["total"])))
+        return min(1.0, max(0.0, float(self.latest["done"]) / float(self.latest["total"])))
 
     def poll(self) -> bool:
-        """Deliver pending output; finish the job if its process has ended. True while running."""
+        """Deliver pending output; finish the job if its process has ended. True while running.
+
+        After :meth:`cancel`, this also kills what is left of the job's process tree once the
+        grace period is over.
+        """
         if self.state != RUNNING:
             return False
         while True:
@@ -239,8 +288,17 @@ class RepuxJob:
                 self._open_streams -= 1
             else:
                 self._handle_line(name, line)
+        if self._cancel_requested and not self._killed and time.monotonic() >= (self._kill_at or 0.0):
+            _kill_tree(self.process)
+            self._killed = True
         if self._open_streams == 0 and self.process.poll() is not None:
+            if self._cancel_requested and not self._killed and _tree_alive(self.process):
+                # A launcher (PythonSlicer) may exit at once while the Python process it
+                # started still removes its partial output: wait for the whole group.
+                return True
             self.returncode = self.process.returncode
+            if self._cancel_requested:
+                _kill_tree(self.process)  # anything the job left behind
             self._conclude()
         return self.state == RUNNING
 
@@ -282,13 +340,14 @@ class RepuxJob:
         return f"{self.description} exited with code {self.returncode}: {tail}"
 
     def _run_cleanup(self) -> None:
+        shutil.rmtree(self._control_dir, ignore_errors=True)
         cleanup, self._cleanup = self._cleanup, None
         if cleanup is not None:
             cleanup()
 
     # -- control ------------------------------------------------------------------------
     def wait(self, timeout: float | None = None, interval: float = 0.05) -> Any:
-        """Poll until the job ends; return :attr:`result`.
+        """Poll until the job ends; return :attr:`result`. Blocks: not for the GUI thread.
 
         Raises:
             JobError: the job failed (message: its error text).
@@ -307,24 +366,61 @@ class RepuxJob:
         return self.result
 
     def cancel(self, grace: float = TERMINATE_GRACE_S) -> None:
-        """End the job and every process it started; the scene is left as it was.
+        """Ask the job and every process it started to stop; returns at once.
 
-        SIGTERM first, so the job removes its partial output; SIGKILL for the whole process
-        group after ``grace`` seconds, and for any child left behind once the job has exited.
+        The job removes its partial output and exits; :meth:`poll` kills what is still
+        running ``grace`` seconds later, and reports the job as cancelled once it has ended.
+        The scene is left as it was.
         """
-        if self.state != RUNNING:
+        if self.state != RUNNING or self._cancel_requested:
             return
         self._cancel_requested = True
-        _signal_tree(self.process, graceful=True)
-        deadline = time.monotonic() + grace
-        # Wait for the whole group, not only the child: a launcher (PythonSlicer) may exit
-        # at once while the Python process it started still removes its partial output.
-        while _tree_alive(self.process) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        _signal_tree(self.process, graceful=False)
-        self.process.wait()
-        while self.poll():
-            time.sleep(0.01)
+        self._kill_at = time.monotonic() + grace
+        try:
+            self.cancel_file.touch()
+        except OSError:
+            pass  # the signal below (POSIX) and the kill after the grace period still stop it
+        _terminate_tree(self.process)
+
+
+class RepuxJob(ProcessJob):
+    """A ``repux`` subcommand (``python -m repux ARGS``) running in the background.
+
+    Args:
+        args: the subcommand and its arguments, e.g. ``["segment", "ct.nrrd", "-o", ...]``.
+        python: the interpreter (default: :func:`python_executable`).
+        finish, cleanup, progress, description: see :class:`ProcessJob`.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        python: str | None = None,
+        finish: Callable[[], Any] | None = None,
+        cleanup: Callable[[], None] | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+        description: str = "",
+    ) -> None:
+        try:
+            command = repux_command(args, python)
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            raise
+        super().__init__(
+            command,
+            finish=finish,
+            cleanup=cleanup,
+            progress=progress,
+            description=description or " ".join(["repux", *[str(a) for a in args[:1]]]),
+        )
+
+
+def pip_install_job(requirements_file: str | os.PathLike, python: str | None = None) -> ProcessJob:
+    """``python -m pip install -r requirements_file`` in the background (pip's lines go to ``log``)."""
+    command = [python or python_executable(), "-m", "pip", "install", "--disable-pip-version-check"]
+    return ProcessJob([*command, "-r", str(requirements_file)], description="pip install")
 
 
 def _tree_alive(process: subprocess.Popen) -> bool:
@@ -340,15 +436,28 @@ def _tree_alive(process: subprocess.Popen) -> bool:
     return True
 
 
-def _signal_tree(process: subprocess.Popen, graceful: bool) -> None:
-    """Signal the process group of ``process`` (its own session, see RepuxJob)."""
+def _terminate_tree(process: subprocess.Popen) -> None:
+    """Ask the job's process group to stop (POSIX: SIGTERM; Windows: the cancel file alone)."""
     if os.name == "nt":
-        if graceful:
-            process.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-        else:
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group has already exited
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill the job's process and everything it started."""
+    if os.name == "nt":
+        if process.poll() is None:
+            subprocess.run(
+                ["taskkill", "/F", "/T", "/PID", str(process.pid)],
+                capture_output=True,
+                check=False,
+                creationflags=subprocess.CREATE_NO_WINDOW,  # type: ignore[attr-defined]
+            )
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # the whole group has already exited

@@ -27,7 +27,14 @@ from repux.atomic import atomic_path
 from repux.bundle.labels import Label, labels_from_list, labels_to_json
 from repux.errors import InputError
 
-from .volumes import array_to_vtk_matrix, labelmap_node_from_array, vtk_matrix_to_array, write_volume_node
+from .volumes import (
+    array_to_vtk_matrix,
+    dimensions,
+    ijk_to_ras,
+    labelmap_node_from_array,
+    vtk_matrix_to_array,
+    write_volume_node,
+)
 
 #: Node attribute: the catalog name (or folder) of the model that produced the segmentation.
 MODEL_ATTRIBUTE = "RepUXSegment.Model"
@@ -150,7 +157,11 @@ def reference_geometry(
                 f"segmentation {segmentation_node.GetName()!r} and volume {reference_volume_node.GetName()!r} "
                 "are under different transforms; harden the transforms first"
             )
-        return slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(reference_volume_node)
+        geometry = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(reference_volume_node)
+        # The caller owns the new object (a copy of the CT's voxels); the Python wrapper holds
+        # its own reference, so give ours back or every export keeps a copy of the CT.
+        geometry.UnRegister(None)
+        return geometry
     converter = slicer.vtkSegmentationConverter
     serialized = segmentation_node.GetSegmentation().GetConversionParameter(
         converter.GetReferenceImageGeometryParameterName()
@@ -161,6 +172,49 @@ def reference_geometry(
             f"segmentation {segmentation_node.GetName()!r}: has no reference geometry; pass a reference volume"
         )
     return geometry
+
+
+def reference_volume(segmentation_node: "slicer.vtkMRMLSegmentationNode"):
+    """The volume node the segmentation was made on (its reference geometry), or None."""
+    return segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+
+
+def source_volume(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode", volume_node=None, tol: float = 1e-3
+) -> "slicer.vtkMRMLScalarVolumeNode":
+    """The volume the segmentation was made on: its reference geometry volume.
+
+    ``volume_node`` (e.g. the volume selected in the module now) is accepted only if it is
+    that volume, or, for a segmentation that names no volume (loaded from a file), if its
+    grid is the segmentation's reference geometry (mm within ``tol``). A case saved from
+    any other volume would pair a CT with labels drawn on another one.
+
+    Raises:
+        InputError: another volume than the segmentation's (both named), or no volume at all.
+    """
+    reference = reference_volume(segmentation_node)
+    name = segmentation_node.GetName()
+    if volume_node is None:
+        if reference is None:
+            raise InputError(f"segmentation {name!r}: names no volume it was made on; choose the CT it belongs to")
+        return reference
+    if reference is not None:
+        if reference is not volume_node:
+            raise InputError(
+                f"segmentation {name!r} was made on volume {reference.GetName()!r}, not on "
+                f"{volume_node.GetName()!r}; select {reference.GetName()!r}"
+            )
+        return reference
+    geometry = reference_geometry(segmentation_node)
+    extent = geometry.GetExtent()
+    counts = tuple(extent[2 * axis + 1] - extent[2 * axis] + 1 for axis in range(3))
+    if counts != dimensions(volume_node) or not np.allclose(geometry_matrix(geometry), ijk_to_ras(volume_node), atol=tol):
+        raise InputError(
+            f"segmentation {name!r} (grid {counts}, {geometry_matrix(geometry).round(4).tolist()}) does not lie on "
+            f"volume {volume_node.GetName()!r} (grid {dimensions(volume_node)}, {ijk_to_ras(volume_node).round(4).tolist()}); "
+            "choose the CT it was made on"
+        )
+    return volume_node
 
 
 def labelmap_array(

@@ -41,6 +41,17 @@ def save_tiny_bundle(out_dir: Path, spacing_mm: float = 8.0, name: str = "tiny",
     return save_bundle(network, metadata, out_dir)
 
 
+def slow_model_and_ct(folder: Path) -> tuple[Path, Path]:
+    """A tiny model at 2 mm and a full-size phantom CT: segmenting it takes minutes on a CPU,
+    long enough to stop the job while it runs."""
+    from repux.data.phantoms import make_phantom
+    from repux.imageio import write_volume
+
+    bundle = save_tiny_bundle(folder / "slow", spacing_mm=2.0, name="slow")
+    image, _ = make_phantom(11)
+    return bundle, write_volume(image, folder / "big.nii.gz")
+
+
 def load_into_scene(scene, path: Path, labelmap: bool = False):
     """Load a volume file into ``scene`` as Slicer does: a volume node with its storage node."""
     node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode")

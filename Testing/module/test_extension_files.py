@@ -77,7 +77,7 @@ def test_every_widget_the_code_uses_exists_in_the_ui():
 def test_every_custom_widget_class_is_declared_and_node_selectors_get_the_scene():
     root = ElementTree.parse(UI_FILE).getroot()
     declared = {custom.findtext("class") for custom in root.iter("customwidget")}
-    qt_classes = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QSpinBox", "QProgressBar", "QPlainTextEdit"}
+    qt_classes = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QSpinBox", "QProgressBar", "QPlainTextEdit", "QLineEdit"}
     used = {widget.get("class") for widget in ui_widgets().values()}
     assert used - qt_classes <= declared
     selectors = {name for name, widget in ui_widgets().items() if widget.get("class") == "qMRMLNodeComboBox"}
@@ -144,8 +144,9 @@ def test_the_widget_calls_only_logic_methods_that_exist():
 
 
 def test_the_module_file_runs_on_slicers_python_39():
-    """Slicer 5.0-5.6 embed Python 3.9: no newer syntax, and no ``X | Y`` annotations in the
-    module file (it cannot use postponed annotations: parameterNodeWrapper reads them)."""
+    """Slicer 5.6 and 5.8 embed Python 3.9: the module file must load there to say that it
+    needs Slicer 5.10, so no newer syntax, and no ``X | Y`` annotations (it cannot use
+    postponed annotations: parameterNodeWrapper reads them)."""
     for path in [MODULE_SCRIPT, *sorted((MODULE / "RepUXSegmentLib").glob("*.py"))]:
         ast.parse(path.read_text(), filename=str(path), feature_version=(3, 9))
     tree = module_tree()
@@ -251,3 +252,64 @@ def test_requirements_match_the_package_dependencies():
     lines = (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
     listed = {re.split(r"[<>=!~ ]", line, 1)[0].lower(): line for line in lines if line and not line.startswith("#")}
     assert listed == expected
+
+
+# -- the Extensions Index ----------------------------------------------------------------------
+
+#: Categories the Extensions Index accepts (scripts/check_description_files.py of
+#: Slicer/ExtensionsIndex), the ones that could fit this extension.
+INDEX_CATEGORIES = {"Segmentation", "Analysis", "Quantification", "Informatics", "Remote"}
+#: Prefixes the index accepts for the name of the source repository.
+INDEX_REPOSITORY_PREFIXES = ("Slicer", "Slicer-", "Slicer_", "SlicerExtension-", "SlicerExtension_")
+INDEX_SIZE_LIMIT_MB = 100
+
+
+def cmake_value(text: str, variable: str) -> str:
+    return re.search(rf'set\(\s*{variable}\s+"([^"]+)"\s*\)', text).group(1)
+
+
+def test_the_extension_description_meets_the_extensions_index_rules():
+    text = cmake_text(ROOT / "CMakeLists.txt")
+    extension = re.search(r"project\(\s*([^\s)]+)", text).group(1)
+    assert extension == "RepUXSegment" == MODULE.name
+    assert not extension.lower().startswith("slicer"), "the extension's name must not start with Slicer"
+    assert cmake_value(text, "EXTENSION_CATEGORY") in INDEX_CATEGORIES
+    assert len(cmake_value(text, "EXTENSION_DESCRIPTION")) > 50
+
+    homepage = re.fullmatch(r"https://github\.com/([\w.-]+)/([\w.-]+)", cmake_value(text, "EXTENSION_HOMEPAGE"))
+    assert homepage, "the homepage is the extension's GitHub repository"
+    owner, repository = homepage.groups()
+    assert repository.startswith(INDEX_REPOSITORY_PREFIXES), f"repository {repository!r} must start with Slicer"
+
+    urls = [cmake_value(text, "EXTENSION_ICONURL"), *cmake_value(text, "EXTENSION_SCREENSHOTURLS").split()]
+    assert len(urls) >= 2
+    prefix = f"https://raw.githubusercontent.com/{owner}/{repository}/main/"
+    for url in urls:
+        assert url.startswith(prefix), f"{url}: expected a file of {owner}/{repository} on main"
+        path = ROOT / url[len(prefix):]
+        assert path.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif") and path.is_file(), f"{url}: no such image here"
+        with Image.open(path) as image:
+            assert image.format in ("PNG", "JPEG", "GIF")
+            if url != urls[0]:  # screenshots: real pictures, not icons
+                assert min(image.size) >= 400
+
+
+def test_the_license_is_the_one_the_package_declares_and_the_repository_is_small():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    size = sum((ROOT / name).stat().st_size for name in files if name and (ROOT / name).is_file())
+    assert size < INDEX_SIZE_LIMIT_MB * 1024 * 1024, f"the repository holds {size / 2**20:.0f} MB"
+
+
+def test_the_screenshots_come_from_a_script_that_remakes_them():
+    script = ROOT / "Resources" / "Screenshots" / "make_screenshots.py"
+    source = script.read_text()
+    assert '"segment"' in source and "vtkRenderWindow" in source
+    made = set(re.findall(r'"(RepUXSegment-\d\.png)"', source))
+    shown = {url.rsplit("/", 1)[1] for url in cmake_value(cmake_text(ROOT / "CMakeLists.txt"), "EXTENSION_SCREENSHOTURLS").split()}
+    assert shown == made

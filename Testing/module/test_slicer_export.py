@@ -143,3 +143,24 @@ def test_a_label_file_alone_brings_its_own_grid(scene, catalog, phantoms, tmp_pa
     truth = read_volume(phantoms["oblique"][1])
     path = logic.export_labelmap(segmentation, tmp_path / "alone.nii.gz")  # on the stored reference geometry
     np.testing.assert_array_equal(on_grid_of(read_volume(path), truth), truth.array)
+
+
+def test_repeated_exports_do_not_keep_copies_of_the_ct(scene, catalog, tmp_path):
+    """The reference geometry is made from the CT (a copy of its voxels): it must be freed."""
+    import psutil
+
+    from repux.data.phantoms import make_phantom
+    from repux.imageio import write_volume
+
+    image, label = make_phantom(5, shape=(256, 256, 96), oblique=False, orientation="RAS")
+    ct_bytes = image.array.astype(np.int16).nbytes  # 12.6 MB as MRML holds it (short)
+    volume = load_into_scene(scene, write_volume(image, tmp_path / "ct.nrrd"))
+    logic = RepUXLogic(scene, catalog)
+    segmentation = logic.import_labelmap(write_volume(label, tmp_path / "labels.nrrd"), "tiny", reference_volume_node=volume)
+    logic.export_labelmap(segmentation, tmp_path / "warm.nrrd", reference_volume_node=volume)
+    process = psutil.Process()
+    before = process.memory_info().rss
+    for number in range(20):
+        logic.export_labelmap(segmentation, tmp_path / f"export{number}.nrrd", reference_volume_node=volume)
+    growth = process.memory_info().rss - before
+    assert growth < ct_bytes, f"20 exports grew the process by {growth / 1e6:.0f} MB (one CT: {ct_bytes / 1e6:.0f} MB)"

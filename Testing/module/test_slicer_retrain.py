@@ -12,7 +12,7 @@ import pytest
 from module_helpers import load_into_scene
 
 from RepUXSegmentLib.logic import RepUXLogic
-from RepUXSegmentLib.runner import CANCELLED
+from RepUXSegmentLib.runner import CANCELLED, JobCancelled
 
 
 def test_curated_cases_retrain_into_a_new_version_that_segments(scene, catalog, phantoms, tmp_path):
@@ -34,6 +34,8 @@ def test_curated_cases_retrain_into_a_new_version_that_segments(scene, catalog, 
         time.sleep(0.1)
     assert job.running, f"training ended before it could be cancelled: {job.state} {job.error}"
     job.cancel()
+    with pytest.raises(JobCancelled):
+        job.wait(timeout=60)
     assert job.state == CANCELLED
     version = catalog.user_dir / "tiny-v2"
     assert not version.exists(), "a cancelled run must not leave a bundle"

@@ -129,3 +129,30 @@ def test_missing_requirements_are_found_from_metadata(tmp_path):
     # This environment has what the module's own requirements file and torch ask for.
     module_requirements = Path(__file__).resolve().parents[2] / "RepUXSegment" / "Resources" / "requirements.txt"
     assert missing_requirements([*read_requirements(module_requirements), TORCH_REQUIREMENT]) == []
+
+
+def test_records_with_odd_fields_are_shown_without_the_odd_parts():
+    from RepUXSegmentLib.runner import describe_progress
+
+    assert describe_progress({"stage": "infer", "done": 1, "total": "a"}) == "infer"
+    assert describe_progress({"stage": "infer", "done": 1, "total": 2, "eta": float("inf"), "loss": float("nan")}) == "infer · 1/2"
+    assert describe_progress({"stage": "infer", "done": True, "total": 4, "dice": "0.5"}) == "infer · 0/4"
+
+
+def test_a_job_survives_any_output_line(tmp_path):
+    """Lines a job prints are input: odd records, a huge nested JSON line, broken JSON."""
+    lines = [
+        '{"stage": "infer", "done": 1, "total": "a"}',
+        '{"stage": "infer", "done": 1, "total": 2, "eta": Infinity}',
+        '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"stage": "infer", "done": 3, "total": 4, "eta": 1.5}',
+        "{not json",
+    ]
+    script = tmp_path / "lines.txt"
+    script.write_text("\n".join(lines) + "\n")
+    fake = make_executable(tmp_path / "fake-python", f"#!/bin/sh\ncat {script}\n")
+    job = RepuxJob([], python=str(fake))
+    job.wait(timeout=60)
+    assert job.latest == {"stage": "infer", "done": 3, "total": 4, "eta": 1.5}
+    assert job.fraction == 0.75
+    assert "{not json" in job.log

@@ -108,3 +108,30 @@ def test_a_training_set_of_another_model_is_refused(case_inputs, tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver"}, "training": []}))
     with pytest.raises(ValueError, match="differ from model tiny"):
         logic.add_case(volume, segmentation, tmp_path, "tiny")
+
+
+def test_the_case_is_the_ct_the_segmentation_was_made_on(case_inputs, scene, phantoms, tmp_path):
+    """Another CT selected in the module when Add case is clicked must not pair with the labels."""
+    logic, volume, segmentation, image, truth = case_inputs
+    other = load_into_scene(scene, phantoms["ras"][0])
+    other.SetName("next CT")
+    with pytest.raises(ValueError, match="was made on volume 'CT chest/abdomen 1', not on 'next CT'"):
+        logic.add_case(other, segmentation, tmp_path / "set", "tiny")
+    assert not (tmp_path / "set").exists()
+    # Without a volume, the segmentation's own one is used.
+    case = logic.add_case(None, segmentation, tmp_path / "set", "tiny")
+    saved = read_volume(tmp_path / "set" / "imagesTr" / f"{case}.nii.gz")
+    np.testing.assert_array_equal(on_grid_of(saved, image), image.array)
+
+
+def test_a_segmentation_from_a_file_needs_a_volume_on_its_grid(scene, catalog, phantoms, tmp_path):
+    logic = RepUXLogic(scene, catalog)
+    segmentation = logic.import_labelmap(phantoms["oblique"][1], "tiny")  # names no volume
+    with pytest.raises(ValueError, match="names no volume it was made on"):
+        logic.add_case(None, segmentation, tmp_path / "set", "tiny")
+    elsewhere = load_into_scene(scene, phantoms["ras"][0])
+    with pytest.raises(ValueError, match=r"does not lie on volume 'ras_image' \(grid"):
+        logic.add_case(elsewhere, segmentation, tmp_path / "set", "tiny")
+    assert not (tmp_path / "set").exists()
+    logic.add_case(load_into_scene(scene, phantoms["oblique"][0]), segmentation, tmp_path / "set", "tiny")
+    assert len(trainingset.read_manifest(tmp_path / "set")["training"]) == 1

@@ -22,7 +22,7 @@ from repux import __version__
 from repux.bundle.errors import BundleError
 from repux.bundle.labels import Label
 from repux.bundle.metadata import BundleMetadata, default_inference, default_preprocessing
-from repux.bundle.store import check_output_folder, save_bundle
+from repux.bundle.store import check_output_folder, json_form, save_bundle
 from repux.errors import InputError
 from repux.network import config_from_state_dict
 
@@ -113,13 +113,19 @@ def import_checkpoint(
     command: str | None = None,
     force: bool = False,
     weights_dtype: str = "float32",
+    expected_network: dict[str, Any] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    inference: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Write the bundle of a published checkpoint: its weights, network config and ``labels``.
 
     The network config (widths, depths, kernel size, output channels) is read off the weight
-    shapes and must give one output channel per label. Preprocessing is the published CT
-    recipe at ``spacing`` (mm, RAS x y z) with ``patch_size`` windows; inference uses the
-    published defaults. Provenance records the file name, its SHA-256 and ``command``.
+    shapes and must give one output channel per label, and equal ``expected_network`` when
+    given. Preprocessing is the published CT recipe at ``spacing`` (mm, RAS x y z) with
+    ``patch_size`` windows, and inference the published defaults, unless ``preprocessing`` /
+    ``inference`` (model.json form) are given. Provenance records the file name, its SHA-256,
+    ``command`` and the entries of ``provenance``.
 
     Raises:
         FileExistsError: ``out_dir`` exists and ``force`` is False.
@@ -133,6 +139,11 @@ def import_checkpoint(
     except InputError as error:
         raise BundleError(f"{checkpoint}: {error}") from None
     config.pop("arch", None)
+    if expected_network is not None:
+        differing = {key: (value, config.get(key)) for key, value in expected_network.items() if json_form(config.get(key)) != json_form(value)}
+        if differing:
+            shown = ", ".join(f"{key} {want} (the file has {got})" for key, (want, got) in differing.items())
+            raise BundleError(f"{checkpoint}: expected a {arch} network with {shown}")
     if config["out_chans"] != len(labels):
         raise BundleError(
             f"{checkpoint}: the network has {config['out_chans']} output channels but the labels "
@@ -144,8 +155,8 @@ def import_checkpoint(
         network=config,
         labels=list(labels),
         description=description,
-        preprocessing=default_preprocessing(tuple(spacing), tuple(patch_size)),
-        inference=default_inference(),
+        preprocessing=preprocessing or default_preprocessing(tuple(spacing), tuple(patch_size)),
+        inference=inference or default_inference(),
         provenance={
             "source": f"imported from the checkpoint {checkpoint.name}",
             "source_file": checkpoint.name,
@@ -153,6 +164,7 @@ def import_checkpoint(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "repux_version": __version__,
             **({"command": command} if command else {}),
+            **(provenance or {}),
         },
     )
     return save_bundle(state_dict, metadata, out_dir, force=force, weights_dtype=weights_dtype)

@@ -199,7 +199,7 @@ def save_bundle(
         arch = config.pop("arch")
         described = {key: value for key, value in metadata.network.items() if key != "arch"}
         # Compared in JSON form, where (2, 2) and [2, 2] are the same config.
-        if (arch, _as_json(config)) != (metadata.architecture, _as_json(described)):
+        if (arch, json_form(config)) != (metadata.architecture, json_form(described)):
             raise ValueError(
                 f"metadata describes a {metadata.architecture} network with {metadata.network}, "
                 f"but the network to save is a {arch} with {config}"
@@ -223,7 +223,8 @@ def save_bundle(
     return out_dir
 
 
-def _as_json(value: object) -> object:
+def json_form(value: object) -> object:
+    """The value as JSON reads it back, where (2, 2) and [2, 2] are the same."""
     return json.loads(json.dumps(value))
 
 

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "evaluate": "evaluate",
     "train": "train",
     "import-checkpoint": "import_checkpoint",
+    "models": "models",
     "make-phantoms": "make_phantoms",
     "demo": "demo",
     "bench": "bench",
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     enable_large_pages()  # before torch's first allocation
     args = build_parser().parse_args(argv)
     from repux.progress import cancel_on_sigterm
+    from repux.supervision import watch_for_stop
 
     cancel_on_sigterm()
+    watch_for_stop()  # a job of the Slicer module: stop when Slicer is gone or asks
     try:
         return int(args.run(args) or 0)
     except (InputError, FileExistsError, FileNotFoundError) as error:
