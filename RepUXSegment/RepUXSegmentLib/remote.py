@@ -1,4 +1,4 @@
-"""Segmenting on a ``repux serve`` server: a job with the same interface as :class:`.runner.RepuxJob`.
+"""Segmenting on a ``repux serve`` server: a job with the same interface as :class:`.runner.ProcessJob`.
 
 The HTTP work (upload, progress, download, cancel) runs in a background thread and needs
 only the standard library (no torch in Slicer's process). As with a local job, progress
@@ -9,6 +9,7 @@ reports the end.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -24,7 +25,7 @@ from repux.serve.client import ServerClient, ServerError
 from repux.serve.tokens import read_first_token
 
 from .catalog import ModelEntry
-from .runner import CANCELLED, FAILED, LOG_LINES, RUNNING, SUCCEEDED, RepuxJob
+from .runner import CANCELLED, FAILED, LOG_LINES, RUNNING, SUCCEEDED, ProcessJob
 
 #: Keyword options a server job takes (the others are the server's to choose).
 SERVER_OPTIONS = ("overlap", "fast", "modality")
@@ -76,8 +77,8 @@ def model_entry(settings: ServerSettings, name: str) -> ModelEntry:
     return ModelEntry(name, Path(name), "server", metadata)
 
 
-class RemoteJob(RepuxJob):
-    """A segmentation running on a server; the same attributes and methods as :class:`.runner.RepuxJob`.
+class RemoteJob(ProcessJob):
+    """A segmentation running on a server; the same attributes and methods as :class:`.runner.ProcessJob`.
 
     Args:
         settings: the server.
@@ -85,9 +86,9 @@ class RemoteJob(RepuxJob):
         output_path: where the label map is saved (atomically) when the job succeeds.
         model: the server's name of the model.
         options: ``overlap``, ``fast``, ``modality`` (see :data:`SERVER_OPTIONS`).
-        finish, cleanup, progress, description: as for :class:`.runner.RepuxJob`.
+        finish, cleanup, progress, description: as for :class:`.runner.ProcessJob`.
 
-    Attributes (besides RepuxJob's): ``entry``, the model's catalog entry as the server
+    Attributes (besides ProcessJob's): ``entry``, the model's catalog entry as the server
     describes it (set before the upload); ``job_id``, the server's id once submitted.
     """
 
@@ -104,12 +105,13 @@ class RemoteJob(RepuxJob):
         progress: Callable[[dict[str, Any]], None] | None = None,
         description: str = "",
     ) -> None:
-        # RepuxJob's state, without its process: everything here happens over HTTP.
+        # ProcessJob's state, without its process: everything here happens over HTTP.
         self.description = description or f"repux segment on {settings.url}"
         self.state = RUNNING
         self.records: list[dict[str, Any]] = []
         self.latest: dict[str, Any] | None = None
         self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self.warnings: list[str] = []
         self.error: str | None = None
         self.result: Any = None
         self.returncode: int | None = None
@@ -177,20 +179,12 @@ class RemoteJob(RepuxJob):
             elif kind == "log":
                 self.log.append(value)
             elif kind == "record":
-                self._deliver(value)
+                # Exactly what a local job does with the same line of its child's output.
+                self._handle_line("out", json.dumps(value))
             else:
                 self._end(*value)
                 break
         return self.state == RUNNING
-
-    def _deliver(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if "message" in record:
-            self.log.append(str(record["message"]))
-        if "done" in record:
-            self.latest = record
-        if self._progress is not None:
-            self._progress(record)
 
     def _end(self, state: str, error: str | None) -> None:
         try:
@@ -203,6 +197,12 @@ class RemoteJob(RepuxJob):
         finally:
             self._run_cleanup()
 
+    def _run_cleanup(self) -> None:
+        # No control folder here (ProcessJob's is for its child process): only the caller's clean-up.
+        cleanup, self._cleanup = self._cleanup, None
+        if cleanup is not None:
+            cleanup()
+
     def cancel(self, grace: float = 0.0) -> None:
         """Ask for the end of the job and return at once; :meth:`poll` reports ``cancelled``.
 
@@ -210,4 +210,4 @@ class RemoteJob(RepuxJob):
         its process and removes its files. ``grace`` is unused (the server has its own).
         """
         if self.state == RUNNING:
-            self._cancel_requested = True
+            self._cancel_requested = True  # read by the background thread between requests

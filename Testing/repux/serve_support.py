@@ -61,19 +61,25 @@ class RunningServer:
 
 
 def start_server(
-    folder: Path, models: list[str], *options: str, port: int | None = None, cafile: str | None = None
+    folder: Path,
+    models: list[str],
+    *options: str,
+    port: int | None = None,
+    cafile: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningServer:
     """Start ``repux serve`` on 127.0.0.1 with its token file and work folder in ``folder``; wait until it answers.
 
-    ``cafile``: the certificate to trust when ``options`` give ``--certfile`` (HTTPS).
+    ``models``: for ``--models`` (none: the server's default). ``cafile``: the certificate to trust
+    when ``options`` give ``--certfile`` (HTTPS). ``env``: extra environment variables.
     """
     folder.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     token_file, work_dir, log = folder / "tokens", folder / "work", folder / f"server-{port}-{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "repux", "serve", "--port", str(port), "--token-file", str(token_file)]
-    command += ["--work-dir", str(work_dir), "--device", "cpu", "--models", *models, *options]
+    command += ["--work-dir", str(work_dir), "--device", "cpu", *(["--models", *models] if models else []), *options]
     with open(log, "w") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
     scheme = "https" if "--certfile" in options else "http"
     server = RunningServer(process, f"{scheme}://127.0.0.1:{port}", token_file, work_dir, log, cafile)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,10 +330,15 @@ def test_a_token_file_others_can_read_is_refused(tmp_path, capsys):
     assert not (tmp_path / "work").exists()
 
 
-def test_https_time_limit_and_retention(tmp_path):
+def test_https_default_models_time_limit_and_retention(tmp_path, tiny):
     """HTTPS with a self-signed certificate for 127.0.0.1 (made with the openssl command): trusted when
-    given, refused when not. On that server, a job over the time limit is stopped and reported, and a
-    finished job is deleted after the retention time."""
+    given, refused when not. That server, started without --models, serves the shipped and the
+    installed models; a job over its time limit is stopped and reported, and a finished job is
+    deleted after its retention time."""
+    models = tmp_path / "models"
+    shutil.copytree(tiny, models / "tiny")
+    (models / "broken").mkdir()
+    (models / "broken" / "model.json").write_text("{}")
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
@@ -340,10 +346,12 @@ def test_https_time_limit_and_retention(tmp_path):
         check=True, capture_output=True,
     )
     tls = ["--certfile", str(cert), "--keyfile", str(key)]
-    server = start_server(tmp_path / "server", ["demo"], *tls, "--job-time-limit", "1", "--retention", "3", cafile=str(cert))
+    limits = ["--job-time-limit", "1", "--retention", "3"]
+    server = start_server(tmp_path / "server", [], *tls, *limits, cafile=str(cert), env={"REPUX_MODELS_DIR": str(models)})
     try:
         assert server.url.startswith("https://")
-        assert server.client().info()["name"] == "repux"
+        assert server.client().info()["models"] == ["demo", "tiny"]
+        assert "not serving" in server.log.read_text() and "broken" in server.log.read_text()
         with pytest.raises(ServerError, match="CERTIFICATE_VERIFY_FAILED"):
             ServerClient(server.url, server.token).info()  # the system's CAs do not know it
         with pytest.raises(ServerError):

@@ -26,7 +26,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     parser.add_argument(
-        "--models", nargs="+", default=["demo"], metavar="MODEL", help="bundle folders or shipped names to serve (default: demo)"
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="models to serve: names in the models folder or shipped, or bundle folders "
+        "(default: every shipped and installed model, as 'repux models list' shows them)",
     )
     parser.add_argument(
         "--device",
@@ -72,21 +76,53 @@ def _devices(requested: list[str] | None) -> list[str]:
     return [f"cuda:{index}" for index in range(count)] or ["cpu"]
 
 
-def _served_models(names: list[str]) -> dict:
-    from repux.bundle import SHIPPED_MODELS_DIR, load_bundle, resolve_bundle_path
+def _model_folders(names: list[str] | None) -> list[tuple[str, Path, str]]:
+    """(served name, bundle folder, source) of each model: those named, or every shipped and installed one."""
+    from repux.hub.folders import models_dir
+    from repux.hub.listing import bundle_folders, shipped_models_dir
+
+    shipped, installed = shipped_models_dir(), models_dir()
+    if names is None:
+        found = {path.name: (path, "shipped") for path in bundle_folders(shipped)}
+        for path in bundle_folders(installed):
+            found.setdefault(path.name, (path, "installed"))
+        return [(name, path, source) for name, (path, source) in found.items()]
+    chosen = []
+    for name in names:
+        looks = [(Path(name).expanduser(), "server")]
+        if Path(name).name == name:  # a plain name: the models folder, then the shipped models, then ./name
+            looks = [(installed / name, "installed"), *([(shipped / name, "shipped")] if shipped else []), *looks]
+        match = next(((folder, source) for folder, source in looks if (folder / "model.json").is_file()), None)
+        if match is None:
+            raise InputError(
+                f"--models {name}: not a model in {installed}, not shipped, and not a bundle folder with model.json"
+            )
+        folder, source = match
+        chosen.append((name if source != "server" else folder.resolve().name, folder.resolve(), source))
+    return chosen
+
+
+def _served_models(names: list[str] | None) -> dict:
+    from repux.bundle import load_bundle
     from repux.bundle.card import model_card
     from repux.serve.app import ServedModel
 
     served = {}
-    for name in names:
-        folder = resolve_bundle_path(name).resolve()
-        bundle = load_bundle(folder)
-        key = name if folder.parent == SHIPPED_MODELS_DIR.resolve() else folder.name
-        if key in served:
-            raise InputError(f"--models {name}: a second model named {key!r}; expected distinct folder names")
-        card = model_card(key, folder, "shipped" if folder.parent == SHIPPED_MODELS_DIR.resolve() else "server", bundle.metadata)
+    for name, folder, source in _model_folders(names):
+        try:
+            bundle = load_bundle(folder)
+        except InputError as error:
+            if names is not None:
+                raise
+            print(f"repux serve: not serving {folder}: {error}", file=sys.stderr, flush=True)
+            continue
+        if name in served:
+            raise InputError(f"--models: two models named {name!r}; expected distinct folder names")
+        card = model_card(name, folder, source, bundle.metadata)
         card.pop("path")  # the server's folders are not the client's business
-        served[key] = ServedModel(folder, card, bundle.metadata.to_json())
+        served[name] = ServedModel(folder, card, bundle.metadata.to_json())
+    if not served:
+        raise InputError("no model to serve: install one ('repux models pull NAME') or name bundle folders with --models")
     return served
 
 
