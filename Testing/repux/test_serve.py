@@ -370,3 +370,24 @@ def test_https_default_models_time_limit_and_retention(tmp_path, tiny):
         assert server.job_files() == []
     finally:
         server.stop()
+
+
+def test_replayed_records_are_the_jobs_own_in_jsonl_and_drive_the_bar(capsys):
+    from repux.progress import Progress
+
+    records = [
+        {"stage": "infer", "done": 0, "total": 3, "eta": None},
+        {"stage": "infer", "done": 2, "total": 3, "eta": 0.5},
+        {"stage": "infer", "message": "resampled to 4 mm", "case": "c"},
+        {"stage": "infer", "done": 3, "total": 3, "eta": 0.0},
+    ]
+    jsonl = Progress("jsonl")
+    for record in records:
+        jsonl.replay(record)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == records
+    bar = Progress("bar")
+    for record in records:
+        bar.replay(record)
+    bar.finish()
+    err = capsys.readouterr().err
+    assert "resampled to 4 mm" in err and "infer" in err and "3/3" in err
