@@ -103,6 +103,8 @@ def test_every_endpoint_but_health_needs_a_valid_token(server, tmp_path):
         ("POST", f"/v1/jobs/{job}/cancel", None),
         ("GET", f"/v1/jobs/{job}/result", None),
         ("DELETE", f"/v1/jobs/{job}", None),
+        ("POST", "/v1/jobs", image),  # parameters missing: still 401, not a description of the API
+        ("GET", "/v1/no-such-path", None),
     ]
     for headers in ({}, bearer("wrong-" + server.token), {"Authorization": f"Basic {server.token}"}, bearer("")):
         for method, path, body in calls:

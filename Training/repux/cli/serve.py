@@ -201,7 +201,8 @@ def _serve(args: argparse.Namespace, tokens) -> int:
         ssl_certfile=args.certfile,
         ssl_keyfile=args.keyfile,
         log_level="warning",
-        access_log=False,
+        access_log=False,  # no request lines (they name jobs) in the server's output
+        server_header=False,
     )
     try:
         uvicorn.Server(config).run()

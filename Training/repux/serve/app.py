@@ -93,6 +93,17 @@ def create_app(manager: JobManager, tokens: TokenStore, models: dict[str, Served
         headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
         return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
 
+    @app.middleware("http")
+    async def _require_token(request: Request, call_next):
+        # Before routing and parameter checks: without a valid token, every path but /health
+        # (unknown ones too) answers 401 and nothing about the API.
+        if request.url.path != "/health":
+            try:
+                owner(request)
+            except ApiError as error:
+                return await _api_error(request, error)
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors())
@@ -172,16 +183,19 @@ def create_app(manager: JobManager, tokens: TokenStore, models: dict[str, Served
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise ApiError(413, f"{shown}: upload of {length} bytes is larger than this server takes ({limit} bytes)")
-        refusal = manager.admission_error(who)
+        refusal = manager.begin_upload(who)
         if refusal is not None:
             raise ApiError(*refusal)
 
         job_id, folder = manager.new_job_folder()
         job = Job(job_id, who, model, shown, suffix, output, {"overlap": overlap, "fast": fast, "modality": modality})
         try:
-            await _receive(request, folder / job.input_name, limit, shown)
-            await run_in_threadpool(check_volume, folder / job.input_name, shown)
-            refusal = manager.submit(job)  # others may have submitted during the upload
+            try:
+                await _receive(request, folder / job.input_name, limit, shown)
+                await run_in_threadpool(check_volume, folder / job.input_name, shown)
+            finally:
+                manager.end_upload(who)
+            refusal = manager.submit(job)  # the server may have begun stopping meanwhile
             if refusal is not None:
                 raise ApiError(*refusal)
         except BaseException:

@@ -117,6 +117,8 @@ class JobManager:
         self._lock = threading.Condition(threading.RLock())
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        #: Uploads in progress per owner: they count against the limits before they are jobs.
+        self._uploads: dict[str, int] = {}
 
     # -- start and stop ---------------------------------------------------------------
     def start(self) -> list[str]:
@@ -189,20 +191,38 @@ class JobManager:
         return job_id, folder
 
     def admission_error(self, owner: str) -> tuple[int, str] | None:
-        """(HTTP status, message) when a new job of ``owner`` cannot be taken now, else None."""
+        """(HTTP status, message) when a new job of ``owner`` cannot be taken now, else None.
+
+        Uploads still arriving count as jobs, so parallel uploads cannot pass a limit (or fill the disk).
+        """
         with self._lock:
             if self._stopping:
                 return 503, "the server is shutting down; try again later"
-            active = [job for job in self._jobs.values() if job.state in (QUEUED, RUNNING)]
-            if len(active) >= self.limits.max_jobs:
-                return 503, f"the server has {len(active)} jobs queued or running (its limit); try again later"
-            mine = sum(1 for job in active if job.owner == owner)
+            active = [job.owner for job in self._jobs.values() if job.state in (QUEUED, RUNNING)]
+            total = len(active) + sum(self._uploads.values())
+            if total >= self.limits.max_jobs:
+                return 503, f"the server has {total} jobs queued, running or uploading (its limit); try again later"
+            mine = active.count(owner) + self._uploads.get(owner, 0)
             if mine >= self.limits.max_queued_per_token:
                 return 429, (
-                    f"this token has {mine} jobs queued or running (limit {self.limits.max_queued_per_token}); "
+                    f"this token has {mine} jobs queued, running or uploading (limit {self.limits.max_queued_per_token}); "
                     "wait for one to finish"
                 )
         return None
+
+    def begin_upload(self, owner: str) -> tuple[int, str] | None:
+        """Reserve a place for an upload of ``owner`` (released by :meth:`end_upload`), or say why not."""
+        with self._lock:
+            refusal = self.admission_error(owner)
+            if refusal is None:
+                self._uploads[owner] = self._uploads.get(owner, 0) + 1
+            return refusal
+
+    def end_upload(self, owner: str) -> None:
+        with self._lock:
+            self._uploads[owner] -= 1
+            if not self._uploads[owner]:
+                del self._uploads[owner]
 
     def submit(self, job: Job) -> tuple[int, str] | None:
         """Queue ``job``, whose folder holds its input already; or return why not (see :meth:`admission_error`).
