@@ -303,6 +303,8 @@ def test_server_killed_mid_job_then_restarted(tmp_path, tiny):
         with pytest.raises(ServerError) as gone:
             api.download(queued["id"], tmp_path / "again.nii.gz")
         assert gone.value.status == 404  # deleted once downloaded
+        server.stop()  # Ctrl-C: the normal way to stop it
+        assert server.process.returncode == 0 and "repux serve: stopped" in server.log.read_text()
     finally:
         server.stop()
 

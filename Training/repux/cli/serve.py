@@ -206,6 +206,9 @@ def _serve(args: argparse.Namespace, tokens) -> int:
     )
     try:
         uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C or SIGTERM: the normal way to stop a server
     finally:
         manager.stop()
+    print(f"repux serve: stopped; {manager.counts()['queued']} queued job(s) will run after the next start", file=sys.stderr)
     return 0
