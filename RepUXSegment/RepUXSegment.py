@@ -7,6 +7,7 @@ training. Python dependencies are installed on first use, after the user confirm
 """
 
 import importlib.util
+import concurrent.futures
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ if UNSUPPORTED is None:  # the helpers below need the Python of a supported Slic
         read_requirements,
     )
     from RepUXSegmentLib.logic import RepUXLogic
+    from RepUXSegmentLib.remote import ServerSettings
     from RepUXSegmentLib.runner import CANCELLED, FAILED, SUCCEEDED, ProcessJob, RepuxJob, describe_progress, python_executable
     from RepUXSegmentLib.segmentations import MODEL_ATTRIBUTE, reference_volume, segment_tag
 
@@ -92,6 +94,8 @@ FOLDER_EDIT_SETTLE_MS = 800
 #: Only "segment" belongs to the scene; the others belong to the model catalog, go on when the
 #: scene closes or the module is reloaded, and are shown again when the module is entered.
 JOB_KINDS = ("install", "model", "segment", "retrain")
+#: Choices of the "Run on" combo box, in its order.
+RUN_ON = ("local", "server")
 
 
 #
@@ -161,6 +165,8 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterInstall = None
         self._installed = {}  # name -> installed model entry (from refreshModels)
         self._published = {}  # name -> published model not installed yet (from refreshModels)
+        self._serverModels = None  # name -> model entry on the connected server; None: not connected
+        self._connection = None  # a Test connection running in a background thread (a Future)
         self._installing = False  # guards the (modal, event-processing) install dialogs against re-entry
 
     def setup(self) -> None:
@@ -198,12 +204,23 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
+        self.ui.runOnComboBox.currentIndex = RUN_ON.index(self.logic.runOn())
+        self.ui.serverUrlLineEdit.text = self.logic.serverUrl()
+        self.ui.serverTokenFileLineEdit.currentPath = self.logic.serverTokenFile()
+        self.ui.serverTokenLineEdit.text = self.logic.rememberedServerToken()
+        self.ui.rememberTokenCheckBox.checked = bool(self.ui.serverTokenLineEdit.text)
+        self.ui.runOnComboBox.connect("currentIndexChanged(int)", self.onRunOnChanged)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerFieldsChanged)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onServerFieldsChanged)
+        self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerFieldsChanged())
+        self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda checked: self.onServerFieldsChanged())
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
 
-        self.refreshModels()
+        self.onRunOnChanged()
         self.initializeParameterNode()
         if any(runner.background_jobs.get(kind) for kind in JOB_KINDS):
             self._pollTimer.start()  # jobs started before the module was reloaded: show them again
@@ -298,6 +315,11 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             not installing and hasModel and bool(self.trainingSetPath())
         )
         self.ui.modelProgressBar.visible = modelJob is not None
+        server = self.runsOnServer()
+        self.ui.serverGroupBox.visible = server
+        self.ui.deviceComboBox.enabled = not server  # the server chooses its device
+        self.ui.importModelButton.enabled = self.ui.importModelButton.enabled and not server
+        self.ui.testConnectionButton.enabled = self._connection is None
 
     # -- models -------------------------------------------------------------------------
     def refreshModels(self, select: Optional[str] = None) -> None:
@@ -308,10 +330,15 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         # Kept for the buttons and the card, which are updated on every poll of a job.
-        self._installed = {entry.name: entry for entry in self.logic.models()}
-        for entry in self._installed.values():
-            combo.addItem(entry.name if entry.source == "shipped" else f"{entry.name} (yours)", entry.name)
-        self._published = {model.name: model for model in self.logic.availableModels()}
+        if self.runsOnServer():
+            self._installed, self._published = dict(self._serverModels or {}), {}
+            for name in self._installed:
+                combo.addItem(_("{name} (server)").format(name=name), name)
+        else:
+            self._installed = {entry.name: entry for entry in self.logic.models()}
+            for entry in self._installed.values():
+                combo.addItem(entry.name if entry.source == "shipped" else f"{entry.name} (yours)", entry.name)
+            self._published = {model.name: model for model in self.logic.availableModels()}
         for published in self._published.values():
             combo.addItem(_("{name} (download, {size})").format(name=published.name, size=published.size_text), published.name)
         if current and combo.findData(current) < 0:
@@ -334,6 +361,11 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "Not installed yet: click Download, or, on a computer without internet access, download the file "
                 "in a web browser elsewhere and use Import... > Downloaded file."
             )
+        elif self.runsOnServer():
+            self.ui.modelCardLabel.text = _(
+                "Click Test connection to list the server's models." if self._serverModels is None
+                else "The server does not serve model {name}: choose one of its models."
+            ).format(name=name)
         elif name:
             self.ui.modelCardLabel.text = _(
                 "Model {name} is not in the model folder {folder}. Choose another model, or import it with Import..."
@@ -466,6 +498,8 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self.ui.progressBar, self.ui.statusLabel
 
     def onPoll(self) -> None:
+        if self._connection is not None and self._connection.done():
+            self.connectionFinished()
         for kind in JOB_KINDS:
             job = self.job(kind)
             if job is None:
@@ -475,7 +509,7 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not running:
                 runner.background_jobs.pop(kind, None)
                 self.jobFinished(kind, job)
-        if not any(self.job(kind) for kind in JOB_KINDS):
+        if not any(self.job(kind) for kind in JOB_KINDS) and self._connection is None:
             self._pollTimer.stop()
         self.updateButtons()
 
@@ -587,12 +621,16 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job("segment") is not None:
             self.cancelJob("segment")
             return
-        self.whenDependenciesReady(self.startSegmentation)
+        if self.runsOnServer():
+            self.startSegmentation()  # the server does the work: nothing to install here
+        else:
+            self.whenDependenciesReady(self.startSegmentation)
 
     def startSegmentation(self) -> None:
         node = self._parameterNode
         if node is None or node.inputVolume is None:
             return
+        server = self.serverSettings() if self.runsOnServer() else None
         self.startJob(
             "segment",
             lambda: self.logic.segment(
@@ -601,9 +639,63 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 device=node.device,
                 wait=False,
                 segmentationNode=node.outputSegmentation,
+                server=server,
                 **self.logic.speedOptions(node.fast),
             ),
         )
+
+    # -- server ---------------------------------------------------------------------------
+    def runsOnServer(self) -> bool:
+        return RUN_ON[max(0, self.ui.runOnComboBox.currentIndex)] == "server"
+
+    def onRunOnChanged(self, index: Optional[int] = None) -> None:
+        self.logic.setRunOn(RUN_ON[max(0, self.ui.runOnComboBox.currentIndex)])
+        self.refreshModels()
+
+    def onServerFieldsChanged(self) -> None:
+        remember = self.ui.rememberTokenCheckBox.checked
+        self.logic.setServer(
+            self.ui.serverUrlLineEdit.text.strip(),
+            self.ui.serverTokenFileLineEdit.currentPath.strip(),
+            self.ui.serverTokenLineEdit.text.strip() if remember else "",
+        )
+        if self._serverModels is not None:  # another server or token: its models must be listed anew
+            self._serverModels = None
+            self.ui.serverStatusLabel.text = _("Not connected.")
+            self.refreshModels()
+
+    def serverSettings(self) -> "ServerSettings":
+        """The server of the fields: the token from the token file, else from the token field."""
+        return self.logic.serverSettings(
+            self.ui.serverUrlLineEdit.text.strip(),
+            self.ui.serverTokenFileLineEdit.currentPath.strip(),
+            self.ui.serverTokenLineEdit.text.strip(),
+        )
+
+    def onTestConnection(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot test the connection.")):
+            settings = self.serverSettings()
+            # Network calls can take seconds: in a thread, collected by onPoll.
+            self._connection = concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(self.logic.connect, settings)
+            self.ui.serverStatusLabel.text = _("Connecting to {url}...").format(url=settings.url)
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def connectionFinished(self) -> None:
+        future, self._connection = self._connection, None
+        try:
+            info, models = future.result()
+        except Exception as error:  # noqa: BLE001 - any failure is the connection's answer
+            self._serverModels = None
+            self.ui.serverStatusLabel.text = _("Failed: {error}").format(error=error)
+        else:
+            self._serverModels = models
+            self.ui.serverStatusLabel.text = _("Connected: repux {version} on {devices}; models: {models}").format(
+                version=info.get("version", "?"),
+                devices=", ".join(str(device) for device in info.get("devices", [])) or "?",
+                models=", ".join(models) or _("none"),
+            )
+        self.refreshModels()
 
     # -- correction, export, curation ---------------------------------------------------
     def onEdit(self) -> None:
@@ -687,6 +779,11 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
     MODELS_FOLDER_SETTING = "RepUXSegment/ModelsFolder"
     TRAINING_SET_SETTING = "RepUXSegment/TrainingSetFolder"
     EXPORT_FOLDER_SETTING = "RepUXSegment/ExportFolder"
+    RUN_ON_SETTING = "RepUXSegment/RunOn"
+    SERVER_URL_SETTING = "RepUXSegment/ServerURL"
+    SERVER_TOKEN_FILE_SETTING = "RepUXSegment/ServerTokenFile"
+    #: Only when the user ticks "Remember": Slicer's settings file holds it in plain text.
+    SERVER_TOKEN_SETTING = "RepUXSegment/ServerToken"
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -720,6 +817,55 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
     def setExportFolder(self, path: str) -> None:
         qt.QSettings().setValue(self.EXPORT_FOLDER_SETTING, path)
 
+    def runOn(self) -> str:
+        value = self._setting(self.RUN_ON_SETTING, "local")
+        return value if value in RUN_ON else "local"
+
+    def setRunOn(self, value: str) -> None:
+        qt.QSettings().setValue(self.RUN_ON_SETTING, value)
+
+    def serverUrl(self) -> str:
+        return self._setting(self.SERVER_URL_SETTING)
+
+    def serverTokenFile(self) -> str:
+        return self._setting(self.SERVER_TOKEN_FILE_SETTING)
+
+    def rememberedServerToken(self) -> str:
+        return self._setting(self.SERVER_TOKEN_SETTING)
+
+    def setServer(self, url: str, tokenFile: str, rememberedToken: str) -> None:
+        """Store the server's URL and token file; the token itself only when the user asked
+        (``rememberedToken`` empty removes a stored one)."""
+        settings = qt.QSettings()
+        settings.setValue(self.SERVER_URL_SETTING, url)
+        settings.setValue(self.SERVER_TOKEN_FILE_SETTING, tokenFile)
+        if rememberedToken:
+            settings.setValue(self.SERVER_TOKEN_SETTING, rememberedToken)
+        else:
+            settings.remove(self.SERVER_TOKEN_SETTING)
+
+    @staticmethod
+    def serverSettings(url: str, tokenFile: str = "", token: str = "") -> "ServerSettings":
+        """The server to use: the token from ``tokenFile`` when given, else ``token``.
+
+        Raises:
+            ValueError: no URL, or no token.
+        """
+        if not url:
+            raise ValueError("enter the server's URL, e.g. http://127.0.0.1:8765")
+        if tokenFile:
+            return ServerSettings.from_token_file(url, tokenFile)
+        if not token:
+            raise ValueError("choose a token file, or enter the token the server printed")
+        return ServerSettings(url, token)
+
+    def connect(self, settings: "ServerSettings") -> tuple:
+        """The server's information and its models as catalog entries (network calls: seconds)."""
+        repux = self.repux()
+        info = repux.test_connection(settings.url, settings.token, settings.cafile)
+        models = {card["name"]: repux.server_model(settings, card["name"]) for card in info.get("models", [])}
+        return info, models
+
     @staticmethod
     def speedOptions(fast: bool) -> dict:
         """``repux segment`` options of the speed/quality choice: fewer overlapping windows and
@@ -747,9 +893,10 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
             logging.warning(str(error))
             return None
 
-    def segment(self, volumeNode, model, device="auto", wait=True, progress=None, segmentationNode=None, **options):
-        """See ``RepUXLogic.segment``: a segmentation node (``wait=True``) or a running job."""
-        return self.repux().segment(volumeNode, model, device, wait, progress, segmentationNode, **options)
+    def segment(self, volumeNode, model, device="auto", wait=True, progress=None, segmentationNode=None, server=None, **options):
+        """See ``RepUXLogic.segment``: a segmentation node (``wait=True``) or a running job;
+        with ``server`` (a ``ServerSettings``) the job runs there."""
+        return self.repux().segment(volumeNode, model, device, wait, progress, segmentationNode, server=server, **options)
 
     def exportLabelmap(self, segmentationNode, path, referenceVolumeNode=None, model=None, overwrite=False):
         return self.repux().export_labelmap(segmentationNode, path, referenceVolumeNode, model, overwrite)

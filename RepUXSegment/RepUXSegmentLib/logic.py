@@ -44,6 +44,7 @@ from repux.errors import InputError
 
 from . import review, segmentations, trainingset
 from .catalog import ModelCatalog, ModelEntry
+from .remote import RemoteJob, ServerSettings, model_entry, test_connection
 from .runner import RepuxJob
 from .volumes import (
     dimensions,
@@ -126,9 +127,13 @@ class RepUXLogic:
         wait: bool = True,
         progress: Progress | None = None,
         segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
+        server: ServerSettings | None = None,
         **options: Any,
     ) -> "slicer.vtkMRMLSegmentationNode | RepuxJob":
-        """Segment ``volume_node`` with ``model`` in a ``repux segment`` process.
+        """Segment ``volume_node`` with ``model`` in a ``repux segment`` process, or on ``server``.
+
+        With ``server``, ``model`` is a name the server serves, the server picks the device,
+        and the job is a :class:`.remote.RemoteJob` (same interface, same result).
 
         Result: ``segmentation_node`` (its segments replaced) or a new segmentation node in
         the scene, with one segment per label (name, colour, terminology), the volume as
@@ -142,6 +147,7 @@ class RepUXLogic:
             volume_node, model, device, wait, progress, segmentation_node, options,
             prepare=lambda work: [],
             finish=lambda label_path, entry, commit: commit(),
+            server=server,
         )
 
     def segment_for_review(
@@ -179,16 +185,17 @@ class RepUXLogic:
 
         return self._segment_job(volume_node, model, device, wait, progress, segmentation_node, options, prepare, finish)
 
-    def _segment_job(self, volume_node, model, device, wait, progress, segmentation_node, options, prepare, finish):
+    def _segment_job(self, volume_node, model, device, wait, progress, segmentation_node, options, prepare, finish, server=None):
         """A ``repux segment`` job whose extra arguments come from ``prepare(work)`` and whose
-        result is ``finish(label_path, entry, commit)``; ``commit()`` imports the labels."""
+        result is ``finish(label_path, entry, commit)``; ``commit()`` imports the labels.
+        With ``server`` (plain segmentation only: no extra arguments), a :class:`.remote.RemoteJob`."""
         if device not in DEVICES:
             raise InputError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
         if volume_node is None or volume_node.GetImageData() is None:
             raise InputError("input volume: none selected, or it has no voxel data")
         if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
             raise InputError(f"segmentation {segmentation_node.GetName()!r}: is not in this logic's scene")
-        entry = self.catalog.get(model)
+        entry = self.catalog.get(model) if server is None else None
         work = Path(tempfile.mkdtemp(prefix="repux-segment-", dir=self.temp_dir))
         input_path, output_path = work / "input.nrrd", work / "labels.nrrd"
         try:
@@ -197,6 +204,19 @@ class RepUXLogic:
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        if server is not None:
+            job = RemoteJob(
+                server,
+                input_path,
+                output_path,
+                model.name if isinstance(model, ModelEntry) else str(model),
+                options,
+                finish=lambda: self._import_result(output_path, volume_node, job.entry, segmentation_node),
+                cleanup=lambda: shutil.rmtree(work, ignore_errors=True),
+                progress=progress,
+                description=f"repux segment ({volume_node.GetName()}, model {model} on {server.url})",
+            )
+            return job.wait() if wait else job
         args = ["segment", str(input_path), "-o", str(output_path), "--model", str(entry.path), "--device", device]
         args += ["--progress", "jsonl", *extra, *option_arguments(options)]
         job = RepuxJob(
@@ -300,6 +320,14 @@ class RepUXLogic:
         node.CreateDefaultDisplayNodes()
         node.SetAttribute(review.CASE_PATH_ATTRIBUTE, str(path))
         return node
+
+    def test_connection(self, url: str, token: str, cafile: str | None = None) -> dict[str, Any]:
+        """The server's version, devices, limits and models (catalog cards); raises InputError with the reason."""
+        return test_connection(ServerSettings(url, token, cafile))
+
+    def server_model(self, server: ServerSettings, name: str) -> ModelEntry:
+        """The entry of a model on ``server`` (for its card and labels), as :meth:`ModelCatalog.get` gives local ones."""
+        return model_entry(server, name)
 
     def _import_result(self, label_path: Path, volume_node, entry: ModelEntry, segmentation_node):
         # Everything that can fail happens before the scene is touched.

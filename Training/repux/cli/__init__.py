@@ -18,6 +18,7 @@ from repux.large_pages import enable_large_pages
 SUBCOMMANDS = {
     "segment": "segment",
     "rank": "rank",
+    "serve": "serve",
     "evaluate": "evaluate",
     "train": "train",
     "import-checkpoint": "import_checkpoint",

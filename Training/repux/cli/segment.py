@@ -88,6 +88,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace existing outputs (default: refuse, or skip done cases)"
     )
+    server = parser.add_argument_group("on a server (repux serve)")
+    server.add_argument("--server", metavar="URL", help="segment on this repux server (http(s)://HOST:PORT) instead of here")
+    server.add_argument("--token-file", metavar="FILE", help="file whose first line is the server's access token")
+    server.add_argument("--server-cafile", metavar="PEM", help="certificate to trust for an https server (e.g. its self-signed one)")
+    server.add_argument(
+        "--server-timeout", type=float, default=30.0, metavar="S", help="seconds to keep retrying an unreachable server (default 30)"
+    )
     configure_review(parser)
 
 
@@ -218,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress(args.progress)
     with progress.reporting_outcome():
+        if args.server:
+            from repux.serve.client import segment_on_server
+
+            return segment_on_server(args, progress)
         return _run(args, progress)
 
 
