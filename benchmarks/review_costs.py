@@ -145,6 +145,8 @@ def roi_part(args: argparse.Namespace) -> dict:
         "windows": {name: result.windows for name, result in results.items()},
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "ratio_to_whole": {name: round(value / seconds["whole"], 3) for name, value in seconds.items()},
+        # The network's share of the work, independent of the machine's load.
+        "windows_ratio_to_whole": {name: round(r.windows / whole.windows, 3) for name, r in results.items()},
         "roi_labels_equal_whole_inside_box": bool(np.array_equal(part.labels.array[inside], whole.labels.array[inside])),
     }
 
