@@ -105,22 +105,26 @@ def test_windows_overlapping_a_box_are_exactly_those_sharing_a_voxel():
 
 @pytest.mark.parametrize("direction", [RAS_IN_LPS, oblique_direction(9)], ids=["ras", "oblique"])
 def test_roi_equals_the_whole_image_inside_the_box_bit_for_bit(bundle, direction):
-    # Long along R-L: 3 x 2 x 2 overlapping windows, of which a box on the right needs fewer.
+    # Long along R-L, overlap 0.5: 5 x 3 x 3 windows, each voxel in up to 8; boxes of several
+    # sizes and places, so that a window missing at any edge of a box shows.
     image, _ = analytic_volume((72, 30, 24), (2.5, 3.5, 4.0), direction)
-    segmenter = Segmenter(load_bundle(bundle), device="cpu")
+    segmenter = Segmenter(load_bundle(bundle), device="cpu", overlap=0.5)
     whole = segmenter.predict(image, review=True)
-    box = RasBox.from_corners([-60.0, -15.0, -10.0], [-30.0, 25.0, 30.0])  # around organ 1
-    part = segmenter.predict(image, review=True, roi=box)
-    inside = part.roi
-    # The box's voxels: centres inside it, computed here from the geometry.
     index = np.stack(np.meshgrid(*[np.arange(n) for n in image.shape], indexing="ij"), -1).reshape(-1, 3)
     ras = index @ image.affine[:3, :3].T + image.affine[:3, 3]
-    expected = np.all((ras >= box.low - 1e-6) & (ras <= box.high + 1e-6), axis=1).reshape(image.shape)
-    assert np.array_equal(inside, expected) and 0 < inside.sum() < inside.size / 4
-    for mine, reference in ((part.labels.array, whole.labels.array), (part.confidence, whole.confidence), (part.entropy, whole.entropy)):
-        assert mine[inside].tobytes() == reference[inside].tobytes()
-        assert not mine[~inside].any()
-    assert part.windows < whole.windows
+    for low, high in (([-60.0, -15.0, -10.0], [-30.0, 25.0, 30.0]), ([-7.0, -9.0, -3.0], [5.0, 4.0, 6.0]),
+                      ([40.0, 10.0, -40.0], [52.0, 30.0, -28.0])):
+        box = RasBox.from_corners(low, high)
+        part = segmenter.predict(image, review=True, roi=box)
+        inside = part.roi
+        # The box's voxels: centres inside it, computed here from the geometry.
+        expected = np.all((ras >= box.low - 1e-6) & (ras <= box.high + 1e-6), axis=1).reshape(image.shape)
+        assert np.array_equal(inside, expected) and 0 < inside.sum() < inside.size / 4
+        pairs = ((part.labels.array, whole.labels.array), (part.confidence, whole.confidence), (part.entropy, whole.entropy))
+        for mine, reference in pairs:
+            assert mine[inside].tobytes() == reference[inside].tobytes(), box.describe()
+            assert not mine[~inside].any()
+        assert part.windows < whole.windows
 
 
 def _run(*argv: str) -> int:
