@@ -314,6 +314,8 @@ def test_client_refuses_what_the_server_cannot_honour(server, tmp_path, capsys):
     argv = ["segment", str(image), "-o", str(tmp_path / "o.nii.gz"), "--server", server.url, "--token-file", str(server.token_file)]
     assert main([*argv, "--volumes", str(tmp_path / "v.csv")]) == 2
     assert "--volumes: not available with --server" in capsys.readouterr().err
+    assert main([*argv, "--confidence", str(tmp_path / "c.nii.gz"), "--tta", "flips"]) == 2
+    assert "--confidence, --tta: not available with --server" in capsys.readouterr().err
     assert main([*argv, "--model", "nosuch"]) == 2
     assert "model 'nosuch': not served here" in capsys.readouterr().err
     wrong = tmp_path / "wrong-token"

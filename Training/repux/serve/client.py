@@ -215,9 +215,12 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
     from repux.infer.writers import LABEL_SUFFIXES, output_suffix
     from repux.serve.tokens import read_first_token
 
-    unsupported = [f"--{name.replace('_', '-')}" for name in ("probabilities", "volumes", "plain_network") if getattr(args, name)]
+    local_only = ("probabilities", "volumes", "plain_network", "confidence", "entropy", "review", "roi", "update")
+    unsupported = [f"--{name.replace('_', '-')}" for name in local_only if getattr(args, name)]
     if args.device != "auto":
         unsupported.append("--device")
+    if args.tta != "none":
+        unsupported.append("--tta")
     if unsupported:
         raise InputError(f"{', '.join(unsupported)}: not available with --server (the server chooses its device and outputs)")
     if not args.token_file:
