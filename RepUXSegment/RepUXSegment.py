@@ -62,8 +62,8 @@ def _useSourceTreePackage() -> None:
 UNSUPPORTED = unsupportedReason()
 if UNSUPPORTED is None:  # the helpers below need the Python of a supported Slicer
     _useSourceTreePackage()
-    from RepUXSegmentLib import runner
-    from RepUXSegmentLib.catalog import DEFAULT_USER_MODELS_DIR, MODELS_DIR_ENV, ModelCatalog, ModelEntry
+    from RepUXSegmentLib import review, runner
+    from RepUXSegmentLib.catalog import DEFAULT_USER_MODELS_DIR, MODELS_DIR_ENV, ModelCatalog
     from RepUXSegmentLib.dependencies import (
         TORCH_REQUIREMENT,
         install_failure_message,
@@ -93,7 +93,16 @@ FOLDER_EDIT_SETTLE_MS = 800
 #: Background jobs, polled in this order: an install first, since the others may wait for it.
 #: Only "segment" belongs to the scene; the others belong to the model catalog, go on when the
 #: scene closes or the module is reloaded, and are shown again when the module is entered.
-JOB_KINDS = ("install", "model", "segment", "retrain")
+JOB_KINDS = ("install", "model", "segment", "rank", "retrain")
+#: Columns of the review table: (row key, header, format).
+REVIEW_COLUMNS = (
+    ("name", "Organ", "{}"),
+    ("volume_ml", "Volume (ml)", "{:.1f}"),
+    ("components", "Pieces", "{}"),
+    ("outside_largest_ml", "Outside largest (ml)", "{:.1f}"),
+    ("mean_confidence", "Mean confidence", "{:.3f}"),
+    ("low_confidence_ml", "Unsure (ml)", "{:.1f}"),
+)
 #: Choices of the "Run on" combo box, in its order.
 RUN_ON = ("local", "server")
 
@@ -165,6 +174,13 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterInstall = None
         self._installed = {}  # name -> installed model entry (from refreshModels)
         self._published = {}  # name -> published model not installed yet (from refreshModels)
+        self._review = None  # the last ReviewResult (segmentation, confidence node, labels)
+        self._tour = None  # its UncertainRegionTour
+        self._visited = set()  # points of the regions visited (kept when the tour is rebuilt)
+        self._reviewRows = []
+        self._ranking = None  # path of the last ranking table
+        self._rankingOutput = None  # the table the running rank job writes
+        self._seenCases = []  # cases of the ranking loaded so far
         self._serverModels = None  # name -> model entry on the connected server; None: not connected
         self._connection = None  # a Test connection running in a background thread (a Future)
         self._installing = False  # guards the (modal, event-processing) install dialogs against re-entry
@@ -204,6 +220,16 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
+        self.ui.showConfidenceCheckBox.connect("toggled(bool)", self.onShowConfidence)
+        self.ui.lowConfidenceSpinBox.connect("valueChanged(double)", lambda value: self.updateReview())
+        self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewRowClicked)
+        self.ui.nextRegionButton.connect("clicked(bool)", self.onNextRegion)
+        self.ui.resegmentRoiButton.connect("clicked(bool)", self.onResegmentRoi)
+        self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.updateButtons())
+        self.ui.rankFolderButton.connect("clicked(bool)", self.onRankFolder)
+        self.ui.loadNextCaseButton.connect("clicked(bool)", self.onLoadNextCase)
+        self.ui.reviewTableWidget.setColumnCount(len(REVIEW_COLUMNS))
+        self.ui.reviewTableWidget.setHorizontalHeaderLabels([_(header) for _key, header, _format in REVIEW_COLUMNS])
         self.ui.runOnComboBox.currentIndex = RUN_ON.index(self.logic.runOn())
         self.ui.serverUrlLineEdit.text = self.logic.serverUrl()
         self.ui.serverTokenFileLineEdit.currentPath = self.logic.serverTokenFile()
@@ -247,6 +273,7 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         # A result must never land in the next scene; a retrain or a download is not the scene's.
         self.cancelJob("segment")
+        self.setReview(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -316,6 +343,16 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
         self.ui.modelProgressBar.visible = modelJob is not None
         server = self.runsOnServer()
+        reviewing = self._review is not None and segmenting is None
+        self.ui.confidenceCheckBox.enabled = not server  # the server returns labels only
+        self.ui.showConfidenceCheckBox.enabled = reviewing
+        self.ui.nextRegionButton.enabled = reviewing
+        self.ui.resegmentRoiButton.enabled = (
+            hasResult and not server and not installing and self.ui.roiSelector.currentNode() is not None and hasModel
+        )
+        self.ui.rankFolderButton.enabled = not server and not installing and hasModel and self.job("rank") is None
+        self.ui.loadNextCaseButton.enabled = self._ranking is not None
+        self.ui.rankProgressBar.visible = self.job("rank") is not None
         self.ui.serverGroupBox.visible = server
         self.ui.deviceComboBox.enabled = not server  # the server chooses its device
         self.ui.importModelButton.enabled = self.ui.importModelButton.enabled and not server
@@ -495,6 +532,8 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.ui.retrainProgressBar, self.ui.retrainStatusLabel
         if kind == "model":
             return self.ui.modelProgressBar, self.ui.modelProgressBar
+        if kind == "rank":
+            return self.ui.rankProgressBar, self.ui.rankProgressBar
         return self.ui.progressBar, self.ui.statusLabel
 
     def onPoll(self) -> None:
@@ -543,10 +582,18 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if kind == "install":
             self.installFinished(job)
             text = _("Python packages installed.") if job.state == SUCCEEDED else text
+        elif job.state == SUCCEEDED and kind == "segment" and isinstance(job.result, int):
+            text = _("Done: {count} voxels changed inside the box.").format(count=job.result)
+            self.updateReview()
         elif job.state == SUCCEEDED and kind == "segment":
+            segmentation = job.result.segmentation if hasattr(job.result, "confidence") else job.result
             if self._parameterNode is not None:
-                self._parameterNode.outputSegmentation = job.result
-            text = _("Done: {count} segments.").format(count=job.result.GetSegmentation().GetNumberOfSegments())
+                self._parameterNode.outputSegmentation = segmentation
+            self.setReview(job.result if hasattr(job.result, "confidence") else None)
+            text = _("Done: {count} segments.").format(count=segmentation.GetSegmentation().GetNumberOfSegments())
+        elif job.state == SUCCEEDED and kind == "rank":
+            self._ranking, self._seenCases = self._rankingOutput, []
+            text = _("Ranked {count} cases; Load next case opens the most uncertain.").format(count=len(job.result))
         elif job.state == SUCCEEDED:  # retrain, model import or download: a new catalog entry
             text = _("Done: model {name}.").format(name=job.result.name)
             self.refreshModels(select=job.result.name)
@@ -631,6 +678,19 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or node.inputVolume is None:
             return
         server = self.serverSettings() if self.runsOnServer() else None
+        if server is None and self.ui.confidenceCheckBox.checked:
+            self.startJob(
+                "segment",
+                lambda: self.logic.segmentForReview(
+                    node.inputVolume,
+                    node.model,
+                    device=node.device,
+                    segmentationNode=node.outputSegmentation,
+                    confidenceNode=self._review.confidence if self._review is not None else None,
+                    **self.logic.speedOptions(node.fast),
+                ),
+            )
+            return
         self.startJob(
             "segment",
             lambda: self.logic.segment(
@@ -643,6 +703,111 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 **self.logic.speedOptions(node.fast),
             ),
         )
+
+    # -- review ---------------------------------------------------------------------------
+    def setReview(self, result) -> None:
+        """Show a new review result (None: none): overlay, table, a fresh tour of its regions."""
+        self._review = result
+        self._tour = None
+        self._visited = set()
+        self.ui.regionLabel.text = ""
+        if result is not None:
+            self.ui.showConfidenceCheckBox.checked = True
+            self.onShowConfidence(True)
+        self.updateReview()
+
+    def updateReview(self) -> None:
+        """Recompute the table (after edits, a re-segmentation or a new threshold)."""
+        table = self.ui.reviewTableWidget
+        table.setRowCount(0)
+        self._reviewRows = []
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot compute the review table."), waitCursor=True):
+            self._reviewRows = review.review_rows(
+                self._review.segmentation, self._review.confidence, self._review.labels, self.ui.lowConfidenceSpinBox.value
+            )
+            table.setRowCount(len(self._reviewRows))
+            for row, values in enumerate(self._reviewRows):
+                for column, (key, _header, pattern) in enumerate(REVIEW_COLUMNS):
+                    value = values.get(key)
+                    table.setItem(row, column, qt.QTableWidgetItem("" if value is None else pattern.format(value)))
+        self._tour = None  # regions follow the threshold and the edits: start a new tour (visits kept)
+
+    def onShowConfidence(self, show: bool) -> None:
+        if self._review is None:
+            return
+        confidence = self._review.confidence
+        slicer.util.setSliceViewerLayers(foreground=confidence if show else None, foregroundOpacity=0.5)
+        if show and confidence.GetDisplayNode() is not None and not slicer.util.getNodesByClass("vtkMRMLColorLegendDisplayNode"):
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(confidence)
+
+    def onReviewRowClicked(self, row: int, column: int) -> None:
+        segmentId = self._reviewRows[row].get("segment_id") if 0 <= row < len(self._reviewRows) else None
+        if segmentId is None:
+            return
+        centre = self._review.segmentation.GetSegmentCenterRAS(segmentId)
+        if centre is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*centre, True)
+
+    def onNextRegion(self) -> None:
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot find the uncertain regions."), waitCursor=True):
+            if self._tour is None:
+                self._tour = review.UncertainRegionTour(
+                    self._review.segmentation, self._review.confidence, self._review.labels,
+                    self.ui.lowConfidenceSpinBox.value, visited=self._visited,
+                )
+            region = self._tour.next_region()
+            self._visited = self._tour.visited
+            if region is None:
+                self.ui.regionLabel.text = _("Every uncertain region has been visited.")
+                return
+            slicer.modules.markups.logic().JumpSlicesToLocation(*region["ras"], True)
+            self.ui.regionLabel.text = _("Region {number} ({left} left): {volume:.1f} ml, {organs}").format(
+                number=region["number"], left=region["left"], volume=region["volume_ml"], organs=", ".join(region["organs"])
+            )
+
+    def onResegmentRoi(self) -> None:
+        node = self._parameterNode
+        segmentation = node.outputSegmentation
+        volume = reference_volume(segmentation) or node.inputVolume
+        roi = self.ui.roiSelector.currentNode()
+        self.whenDependenciesReady(
+            lambda: self.startJob(
+                "segment",
+                lambda: self.logic.resegmentRoi(
+                    volume, segmentation, roi, device=node.device,
+                    confidenceNode=self._review.confidence if self._review is not None else None,
+                ),
+            )
+        )
+
+    def onRankFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of CTs to rank"))
+        if not folder:
+            return
+        output = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), _("Save the ranking as"), os.path.join(folder, "ranking.csv"), _("CSV (*.csv)")
+        )
+        if not output:
+            return
+        node = self._parameterNode
+        self._rankingOutput = output
+        self.whenDependenciesReady(
+            lambda: self.startJob("rank", lambda: self.logic.rankCases([folder], node.model, output, device=node.device))
+        )
+
+    def onLoadNextCase(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot load the next case."), waitCursor=True):
+            volume = self.logic.loadNextRankedCase(self._ranking, self._seenCases)
+            if volume is None:
+                slicer.util.infoDisplay(_("Every case of the ranking has been loaded."))
+                return
+            self._seenCases.append(volume.GetAttribute(review.CASE_PATH_ATTRIBUTE))
+            self._parameterNode.inputVolume = volume
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
 
     # -- server ---------------------------------------------------------------------------
     def runsOnServer(self) -> bool:
@@ -897,6 +1062,25 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
         """See ``RepUXLogic.segment``: a segmentation node (``wait=True``) or a running job;
         with ``server`` (a ``ServerSettings``) the job runs there."""
         return self.repux().segment(volumeNode, model, device, wait, progress, segmentationNode, server=server, **options)
+
+    def segmentForReview(self, volumeNode, model, device="auto", segmentationNode=None, confidenceNode=None, **options):
+        """See ``RepUXLogic.segment_for_review``: a running job whose result is a ReviewResult."""
+        return self.repux().segment_for_review(
+            volumeNode, model, device, wait=False, segmentation_node=segmentationNode, confidence_node=confidenceNode, **options
+        )
+
+    def resegmentRoi(self, volumeNode, segmentationNode, roiNode, device="auto", confidenceNode=None, **options):
+        """See ``RepUXLogic.resegment_roi``: a running job whose result is the number of voxels changed."""
+        return self.repux().resegment_roi(
+            volumeNode, segmentationNode, roiNode, device=device, wait=False, confidence_node=confidenceNode, **options
+        )
+
+    def rankCases(self, cases, model, output, device="auto", **options):
+        """See ``RepUXLogic.rank_cases``: a running job whose result is the case paths, most uncertain first."""
+        return self.repux().rank_cases(cases, model, output, device=device, wait=False, **options)
+
+    def loadNextRankedCase(self, ranking, seen):
+        return self.repux().load_next_ranked_case(ranking, seen)
 
     def exportLabelmap(self, segmentationNode, path, referenceVolumeNode=None, model=None, overwrite=False):
         return self.repux().export_labelmap(segmentationNode, path, referenceVolumeNode, model, overwrite)
