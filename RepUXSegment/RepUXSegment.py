@@ -678,31 +678,14 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or node.inputVolume is None:
             return
         server = self.serverSettings() if self.runsOnServer() else None
+        common = dict(device=node.device, segmentationNode=node.outputSegmentation, **self.logic.speedOptions(node.fast))
         if server is None and self.ui.confidenceCheckBox.checked:
+            confidence = self._review.confidence if self._review is not None else None
             self.startJob(
-                "segment",
-                lambda: self.logic.segmentForReview(
-                    node.inputVolume,
-                    node.model,
-                    device=node.device,
-                    segmentationNode=node.outputSegmentation,
-                    confidenceNode=self._review.confidence if self._review is not None else None,
-                    **self.logic.speedOptions(node.fast),
-                ),
+                "segment", lambda: self.logic.segmentForReview(node.inputVolume, node.model, confidenceNode=confidence, **common)
             )
-            return
-        self.startJob(
-            "segment",
-            lambda: self.logic.segment(
-                node.inputVolume,
-                node.model,
-                device=node.device,
-                wait=False,
-                segmentationNode=node.outputSegmentation,
-                server=server,
-                **self.logic.speedOptions(node.fast),
-            ),
-        )
+        else:
+            self.startJob("segment", lambda: self.logic.segment(node.inputVolume, node.model, wait=False, server=server, **common))
 
     # -- review ---------------------------------------------------------------------------
     def setReview(self, result) -> None:

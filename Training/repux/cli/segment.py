@@ -302,14 +302,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         except InputError as error:
             if single_file:
                 raise
-            failed.append(str(error))
-            progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
+            record_failure(progress, case.name, str(error), failed)
             continue
         except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
             if single_file:
                 raise
-            failed.append(f"{case.image}: {type(error).__name__}: {error}")
-            progress.message(f"failed {case.name}: {type(error).__name__}: {error}", case=case.name, failed=True)
+            record_failure(progress, case.name, f"{case.image}: {type(error).__name__}: {error}", failed)
             continue
         for note in prediction.notes:
             progress.message(note, case=case.name)
@@ -325,8 +323,23 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     if args.review:
         write_table(review_rows, args.review, overwrite=args.force)
         progress.message(f"wrote {args.review}")
+    return finish_batch(progress, len(cases), written, skipped, failed)
+
+
+def record_failure(progress: Progress, case_name: str, message: str, failed: list[str]) -> None:
+    """One case of a batch could not be done: note it and say so; the batch goes on."""
+    failed.append(message)
+    progress.message(f"failed {case_name}: {message}", case=case_name, failed=True)
+
+
+def finish_batch(progress: Progress, count: int, written: list[str], skipped: list[str], failed: list[str]) -> int:
+    """End a batch of ``count`` cases: an error listing the failed ones (exit 2), else ``done``.
+
+    Raises:
+        InputError: one or more cases failed (each line names the case and why).
+    """
     if failed:
-        raise InputError(f"{len(failed)} of {len(cases)} case(s) failed:\n  " + "\n  ".join(failed))
+        raise InputError(f"{len(failed)} of {count} case(s) failed:\n  " + "\n  ".join(failed))
     if skipped:
         progress.message(f"skipped {len(skipped)} case(s) whose outputs exist (use --force to redo them)")
     progress.finish("done", outputs=written, skipped=skipped)

@@ -210,7 +210,7 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
     Raises:
         InputError: an option the server cannot honour, or a case that failed (its message).
     """
-    from repux.cli.segment import plan_cases
+    from repux.cli.segment import finish_batch, plan_cases, record_failure
     from repux.errors import InputError
     from repux.infer.writers import LABEL_SUFFIXES, output_suffix
     from repux.serve.tokens import read_first_token
@@ -248,17 +248,11 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
         except InputError as error:
             if single_file:
                 raise
-            failed.append(str(error))
-            progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
+            record_failure(progress, case.name, str(error), failed)
             continue
         written.append(str(case.labels))
         progress.message(f"wrote {case.labels}", case=case.name, output=str(case.labels))
-    if failed:
-        raise InputError(f"{len(failed)} of {len(cases)} case(s) failed:\n  " + "\n  ".join(failed))
-    if skipped:
-        progress.message(f"skipped {len(skipped)} case(s) whose outputs exist (use --force to redo them)")
-    progress.finish("done", outputs=written, skipped=skipped)
-    return 0
+    return finish_batch(progress, len(cases), written, skipped, failed)
 
 
 def _segment_case(client: ServerClient, image: Path, output: Path, suffix: str, args, progress: "Progress", limit: int) -> None:
