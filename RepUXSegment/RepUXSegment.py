@@ -7,6 +7,7 @@ training. Python dependencies are installed on first use, after the user confirm
 """
 
 import importlib.util
+import concurrent.futures
 import json
 import logging
 import os
@@ -61,8 +62,8 @@ def _useSourceTreePackage() -> None:
 UNSUPPORTED = unsupportedReason()
 if UNSUPPORTED is None:  # the helpers below need the Python of a supported Slicer
     _useSourceTreePackage()
-    from RepUXSegmentLib import runner
-    from RepUXSegmentLib.catalog import DEFAULT_USER_MODELS_DIR, MODELS_DIR_ENV, ModelCatalog, ModelEntry
+    from RepUXSegmentLib import review, runner
+    from RepUXSegmentLib.catalog import DEFAULT_USER_MODELS_DIR, MODELS_DIR_ENV, ModelCatalog
     from RepUXSegmentLib.dependencies import (
         TORCH_REQUIREMENT,
         install_failure_message,
@@ -70,6 +71,7 @@ if UNSUPPORTED is None:  # the helpers below need the Python of a supported Slic
         read_requirements,
     )
     from RepUXSegmentLib.logic import RepUXLogic
+    from RepUXSegmentLib.remote import ServerSettings
     from RepUXSegmentLib.runner import CANCELLED, FAILED, SUCCEEDED, ProcessJob, RepuxJob, describe_progress, python_executable
     from RepUXSegmentLib.segmentations import MODEL_ATTRIBUTE, reference_volume, segment_tag
 
@@ -91,7 +93,18 @@ FOLDER_EDIT_SETTLE_MS = 800
 #: Background jobs, polled in this order: an install first, since the others may wait for it.
 #: Only "segment" belongs to the scene; the others belong to the model catalog, go on when the
 #: scene closes or the module is reloaded, and are shown again when the module is entered.
-JOB_KINDS = ("install", "model", "segment", "retrain")
+JOB_KINDS = ("install", "model", "segment", "rank", "retrain")
+#: Columns of the review table: (row key, header, format).
+REVIEW_COLUMNS = (
+    ("name", "Organ", "{}"),
+    ("volume_ml", "Volume (ml)", "{:.1f}"),
+    ("components", "Pieces", "{}"),
+    ("outside_largest_ml", "Outside largest (ml)", "{:.1f}"),
+    ("mean_confidence", "Mean confidence", "{:.3f}"),
+    ("low_confidence_ml", "Unsure (ml)", "{:.1f}"),
+)
+#: Choices of the "Run on" combo box, in its order.
+RUN_ON = ("local", "server")
 
 
 #
@@ -161,6 +174,15 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._afterInstall = None
         self._installed = {}  # name -> installed model entry (from refreshModels)
         self._published = {}  # name -> published model not installed yet (from refreshModels)
+        self._review = None  # the last ReviewResult (segmentation, confidence node, labels)
+        self._tour = None  # its UncertainRegionTour
+        self._visited = set()  # points of the regions visited (kept when the tour is rebuilt)
+        self._reviewRows = []
+        self._ranking = None  # path of the last ranking table
+        self._rankingOutput = None  # the table the running rank job writes
+        self._seenCases = []  # cases of the ranking loaded so far
+        self._serverModels = None  # name -> model entry on the connected server; None: not connected
+        self._connection = None  # a Test connection running in a background thread (a Future)
         self._installing = False  # guards the (modal, event-processing) install dialogs against re-entry
 
     def setup(self) -> None:
@@ -198,12 +220,33 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.retrainButton.connect("clicked(bool)", self.onRetrainButton)
+        self.ui.showConfidenceCheckBox.connect("toggled(bool)", self.onShowConfidence)
+        self.ui.lowConfidenceSpinBox.connect("valueChanged(double)", lambda value: self.updateReview())
+        self.ui.reviewTableWidget.connect("cellClicked(int,int)", self.onReviewRowClicked)
+        self.ui.nextRegionButton.connect("clicked(bool)", self.onNextRegion)
+        self.ui.resegmentRoiButton.connect("clicked(bool)", self.onResegmentRoi)
+        self.ui.roiSelector.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.updateButtons())
+        self.ui.rankFolderButton.connect("clicked(bool)", self.onRankFolder)
+        self.ui.loadNextCaseButton.connect("clicked(bool)", self.onLoadNextCase)
+        self.ui.reviewTableWidget.setColumnCount(len(REVIEW_COLUMNS))
+        self.ui.reviewTableWidget.setHorizontalHeaderLabels([_(header) for _key, header, _format in REVIEW_COLUMNS])
+        self.ui.runOnComboBox.currentIndex = RUN_ON.index(self.logic.runOn())
+        self.ui.serverUrlLineEdit.text = self.logic.serverUrl()
+        self.ui.serverTokenFileLineEdit.currentPath = self.logic.serverTokenFile()
+        self.ui.serverTokenLineEdit.text = self.logic.rememberedServerToken()
+        self.ui.rememberTokenCheckBox.checked = bool(self.ui.serverTokenLineEdit.text)
+        self.ui.runOnComboBox.connect("currentIndexChanged(int)", self.onRunOnChanged)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerFieldsChanged)
+        self.ui.serverTokenLineEdit.connect("editingFinished()", self.onServerFieldsChanged)
+        self.ui.serverTokenFileLineEdit.connect("currentPathChanged(QString)", lambda path: self.onServerFieldsChanged())
+        self.ui.rememberTokenCheckBox.connect("toggled(bool)", lambda checked: self.onServerFieldsChanged())
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MS)
         self._pollTimer.connect("timeout()", self.onPoll)
 
-        self.refreshModels()
+        self.onRunOnChanged()
         self.initializeParameterNode()
         if any(runner.background_jobs.get(kind) for kind in JOB_KINDS):
             self._pollTimer.start()  # jobs started before the module was reloaded: show them again
@@ -230,6 +273,7 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         # A result must never land in the next scene; a retrain or a download is not the scene's.
         self.cancelJob("segment")
+        self.setReview(None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -298,6 +342,21 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             not installing and hasModel and bool(self.trainingSetPath())
         )
         self.ui.modelProgressBar.visible = modelJob is not None
+        server = self.runsOnServer()
+        reviewing = self._review is not None and segmenting is None
+        self.ui.confidenceCheckBox.enabled = not server  # the server returns labels only
+        self.ui.showConfidenceCheckBox.enabled = reviewing
+        self.ui.nextRegionButton.enabled = reviewing
+        self.ui.resegmentRoiButton.enabled = (
+            hasResult and not server and not installing and self.ui.roiSelector.currentNode() is not None and hasModel
+        )
+        self.ui.rankFolderButton.enabled = not server and not installing and hasModel and self.job("rank") is None
+        self.ui.loadNextCaseButton.enabled = self._ranking is not None
+        self.ui.rankProgressBar.visible = self.job("rank") is not None
+        self.ui.serverGroupBox.visible = server
+        self.ui.deviceComboBox.enabled = not server  # the server chooses its device
+        self.ui.importModelButton.enabled = self.ui.importModelButton.enabled and not server
+        self.ui.testConnectionButton.enabled = self._connection is None
 
     # -- models -------------------------------------------------------------------------
     def refreshModels(self, select: Optional[str] = None) -> None:
@@ -308,10 +367,15 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         # Kept for the buttons and the card, which are updated on every poll of a job.
-        self._installed = {entry.name: entry for entry in self.logic.models()}
-        for entry in self._installed.values():
-            combo.addItem(entry.name if entry.source == "shipped" else f"{entry.name} (yours)", entry.name)
-        self._published = {model.name: model for model in self.logic.availableModels()}
+        if self.runsOnServer():
+            self._installed, self._published = dict(self._serverModels or {}), {}
+            for name in self._installed:
+                combo.addItem(_("{name} (server)").format(name=name), name)
+        else:
+            self._installed = {entry.name: entry for entry in self.logic.models()}
+            for entry in self._installed.values():
+                combo.addItem(entry.name if entry.source == "shipped" else f"{entry.name} (yours)", entry.name)
+            self._published = {model.name: model for model in self.logic.availableModels()}
         for published in self._published.values():
             combo.addItem(_("{name} (download, {size})").format(name=published.name, size=published.size_text), published.name)
         if current and combo.findData(current) < 0:
@@ -334,6 +398,11 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "Not installed yet: click Download, or, on a computer without internet access, download the file "
                 "in a web browser elsewhere and use Import... > Downloaded file."
             )
+        elif self.runsOnServer():
+            self.ui.modelCardLabel.text = _(
+                "Click Test connection to list the server's models." if self._serverModels is None
+                else "The server does not serve model {name}: choose one of its models."
+            ).format(name=name)
         elif name:
             self.ui.modelCardLabel.text = _(
                 "Model {name} is not in the model folder {folder}. Choose another model, or import it with Import..."
@@ -463,9 +532,13 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return self.ui.retrainProgressBar, self.ui.retrainStatusLabel
         if kind == "model":
             return self.ui.modelProgressBar, self.ui.modelProgressBar
+        if kind == "rank":
+            return self.ui.rankProgressBar, self.ui.rankProgressBar
         return self.ui.progressBar, self.ui.statusLabel
 
     def onPoll(self) -> None:
+        if self._connection is not None and self._connection.done():
+            self.connectionFinished()
         for kind in JOB_KINDS:
             job = self.job(kind)
             if job is None:
@@ -475,7 +548,7 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not running:
                 runner.background_jobs.pop(kind, None)
                 self.jobFinished(kind, job)
-        if not any(self.job(kind) for kind in JOB_KINDS):
+        if not any(self.job(kind) for kind in JOB_KINDS) and self._connection is None:
             self._pollTimer.stop()
         self.updateButtons()
 
@@ -509,10 +582,18 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if kind == "install":
             self.installFinished(job)
             text = _("Python packages installed.") if job.state == SUCCEEDED else text
+        elif job.state == SUCCEEDED and kind == "segment" and isinstance(job.result, int):
+            text = _("Done: {count} voxels changed inside the box.").format(count=job.result)
+            self.updateReview()
         elif job.state == SUCCEEDED and kind == "segment":
+            segmentation = job.result.segmentation if hasattr(job.result, "confidence") else job.result
             if self._parameterNode is not None:
-                self._parameterNode.outputSegmentation = job.result
-            text = _("Done: {count} segments.").format(count=job.result.GetSegmentation().GetNumberOfSegments())
+                self._parameterNode.outputSegmentation = segmentation
+            self.setReview(job.result if hasattr(job.result, "confidence") else None)
+            text = _("Done: {count} segments.").format(count=segmentation.GetSegmentation().GetNumberOfSegments())
+        elif job.state == SUCCEEDED and kind == "rank":
+            self._ranking, self._seenCases = self._rankingOutput, []
+            text = _("Ranked {count} cases; Load next case opens the most uncertain.").format(count=len(job.result))
         elif job.state == SUCCEEDED:  # retrain, model import or download: a new catalog entry
             text = _("Done: model {name}.").format(name=job.result.name)
             self.refreshModels(select=job.result.name)
@@ -587,23 +668,182 @@ class RepUXSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.job("segment") is not None:
             self.cancelJob("segment")
             return
-        self.whenDependenciesReady(self.startSegmentation)
+        if self.runsOnServer():
+            self.startSegmentation()  # the server does the work: nothing to install here
+        else:
+            self.whenDependenciesReady(self.startSegmentation)
 
     def startSegmentation(self) -> None:
         node = self._parameterNode
         if node is None or node.inputVolume is None:
             return
-        self.startJob(
-            "segment",
-            lambda: self.logic.segment(
-                node.inputVolume,
-                node.model,
-                device=node.device,
-                wait=False,
-                segmentationNode=node.outputSegmentation,
-                **self.logic.speedOptions(node.fast),
-            ),
+        server = self.serverSettings() if self.runsOnServer() else None
+        common = dict(device=node.device, segmentationNode=node.outputSegmentation, **self.logic.speedOptions(node.fast))
+        if server is None and self.ui.confidenceCheckBox.checked:
+            confidence = self._review.confidence if self._review is not None else None
+            self.startJob(
+                "segment", lambda: self.logic.segmentForReview(node.inputVolume, node.model, confidenceNode=confidence, **common)
+            )
+        else:
+            self.startJob("segment", lambda: self.logic.segment(node.inputVolume, node.model, wait=False, server=server, **common))
+
+    # -- review ---------------------------------------------------------------------------
+    def setReview(self, result) -> None:
+        """Show a new review result (None: none): overlay, table, a fresh tour of its regions."""
+        self._review = result
+        self._tour = None
+        self._visited = set()
+        self.ui.regionLabel.text = ""
+        if result is not None:
+            self.ui.showConfidenceCheckBox.checked = True
+            self.onShowConfidence(True)
+        self.updateReview()
+
+    def updateReview(self) -> None:
+        """Recompute the table (after edits, a re-segmentation or a new threshold)."""
+        table = self.ui.reviewTableWidget
+        table.setRowCount(0)
+        self._reviewRows = []
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot compute the review table."), waitCursor=True):
+            self._reviewRows = review.review_rows(
+                self._review.segmentation, self._review.confidence, self._review.labels, self.ui.lowConfidenceSpinBox.value
+            )
+            table.setRowCount(len(self._reviewRows))
+            for row, values in enumerate(self._reviewRows):
+                for column, (key, _header, pattern) in enumerate(REVIEW_COLUMNS):
+                    value = values.get(key)
+                    table.setItem(row, column, qt.QTableWidgetItem("" if value is None else pattern.format(value)))
+        self._tour = None  # regions follow the threshold and the edits: start a new tour (visits kept)
+
+    def onShowConfidence(self, show: bool) -> None:
+        if self._review is None:
+            return
+        confidence = self._review.confidence
+        slicer.util.setSliceViewerLayers(foreground=confidence if show else None, foregroundOpacity=0.5)
+        if show and confidence.GetDisplayNode() is not None and not slicer.util.getNodesByClass("vtkMRMLColorLegendDisplayNode"):
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(confidence)
+
+    def onReviewRowClicked(self, row: int, column: int) -> None:
+        segmentId = self._reviewRows[row].get("segment_id") if 0 <= row < len(self._reviewRows) else None
+        if segmentId is None:
+            return
+        centre = self._review.segmentation.GetSegmentCenterRAS(segmentId)
+        if centre is not None:
+            slicer.modules.markups.logic().JumpSlicesToLocation(*centre, True)
+
+    def onNextRegion(self) -> None:
+        if self._review is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Cannot find the uncertain regions."), waitCursor=True):
+            if self._tour is None:
+                self._tour = review.UncertainRegionTour(
+                    self._review.segmentation, self._review.confidence, self._review.labels,
+                    self.ui.lowConfidenceSpinBox.value, visited=self._visited,
+                )
+            region = self._tour.next_region()
+            self._visited = self._tour.visited
+            if region is None:
+                self.ui.regionLabel.text = _("Every uncertain region has been visited.")
+                return
+            slicer.modules.markups.logic().JumpSlicesToLocation(*region["ras"], True)
+            self.ui.regionLabel.text = _("Region {number} ({left} left): {volume:.1f} ml, {organs}").format(
+                number=region["number"], left=region["left"], volume=region["volume_ml"], organs=", ".join(region["organs"])
+            )
+
+    def onResegmentRoi(self) -> None:
+        node = self._parameterNode
+        segmentation = node.outputSegmentation
+        volume = reference_volume(segmentation) or node.inputVolume
+        roi = self.ui.roiSelector.currentNode()
+        self.whenDependenciesReady(
+            lambda: self.startJob(
+                "segment",
+                lambda: self.logic.resegmentRoi(
+                    volume, segmentation, roi, device=node.device,
+                    confidenceNode=self._review.confidence if self._review is not None else None,
+                ),
+            )
         )
+
+    def onRankFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder of CTs to rank"))
+        if not folder:
+            return
+        output = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), _("Save the ranking as"), os.path.join(folder, "ranking.csv"), _("CSV (*.csv)")
+        )
+        if not output:
+            return
+        node = self._parameterNode
+        self._rankingOutput = output
+        self.whenDependenciesReady(
+            lambda: self.startJob("rank", lambda: self.logic.rankCases([folder], node.model, output, device=node.device))
+        )
+
+    def onLoadNextCase(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot load the next case."), waitCursor=True):
+            volume = self.logic.loadNextRankedCase(self._ranking, self._seenCases)
+            if volume is None:
+                slicer.util.infoDisplay(_("Every case of the ranking has been loaded."))
+                return
+            self._seenCases.append(volume.GetAttribute(review.CASE_PATH_ATTRIBUTE))
+            self._parameterNode.inputVolume = volume
+            slicer.util.setSliceViewerLayers(background=volume, fit=True)
+
+    # -- server ---------------------------------------------------------------------------
+    def runsOnServer(self) -> bool:
+        return RUN_ON[max(0, self.ui.runOnComboBox.currentIndex)] == "server"
+
+    def onRunOnChanged(self, index: Optional[int] = None) -> None:
+        self.logic.setRunOn(RUN_ON[max(0, self.ui.runOnComboBox.currentIndex)])
+        self.refreshModels()
+
+    def onServerFieldsChanged(self) -> None:
+        remember = self.ui.rememberTokenCheckBox.checked
+        self.logic.setServer(
+            self.ui.serverUrlLineEdit.text.strip(),
+            self.ui.serverTokenFileLineEdit.currentPath.strip(),
+            self.ui.serverTokenLineEdit.text.strip() if remember else "",
+        )
+        if self._serverModels is not None:  # another server or token: its models must be listed anew
+            self._serverModels = None
+            self.ui.serverStatusLabel.text = _("Not connected.")
+            self.refreshModels()
+
+    def serverSettings(self) -> "ServerSettings":
+        """The server of the fields: the token from the token file, else from the token field."""
+        return self.logic.serverSettings(
+            self.ui.serverUrlLineEdit.text.strip(),
+            self.ui.serverTokenFileLineEdit.currentPath.strip(),
+            self.ui.serverTokenLineEdit.text.strip(),
+        )
+
+    def onTestConnection(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Cannot test the connection.")):
+            settings = self.serverSettings()
+            # Network calls can take seconds: in a thread, collected by onPoll.
+            self._connection = concurrent.futures.ThreadPoolExecutor(max_workers=1).submit(self.logic.connect, settings)
+            self.ui.serverStatusLabel.text = _("Connecting to {url}...").format(url=settings.url)
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def connectionFinished(self) -> None:
+        future, self._connection = self._connection, None
+        try:
+            info, models = future.result()
+        except Exception as error:  # noqa: BLE001 - any failure is the connection's answer
+            self._serverModels = None
+            self.ui.serverStatusLabel.text = _("Failed: {error}").format(error=error)
+        else:
+            self._serverModels = models
+            self.ui.serverStatusLabel.text = _("Connected: repux {version} on {devices}; models: {models}").format(
+                version=info.get("version", "?"),
+                devices=", ".join(str(device) for device in info.get("devices", [])) or "?",
+                models=", ".join(models) or _("none"),
+            )
+        self.refreshModels()
 
     # -- correction, export, curation ---------------------------------------------------
     def onEdit(self) -> None:
@@ -687,6 +927,11 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
     MODELS_FOLDER_SETTING = "RepUXSegment/ModelsFolder"
     TRAINING_SET_SETTING = "RepUXSegment/TrainingSetFolder"
     EXPORT_FOLDER_SETTING = "RepUXSegment/ExportFolder"
+    RUN_ON_SETTING = "RepUXSegment/RunOn"
+    SERVER_URL_SETTING = "RepUXSegment/ServerURL"
+    SERVER_TOKEN_FILE_SETTING = "RepUXSegment/ServerTokenFile"
+    #: Only when the user ticks "Remember": Slicer's settings file holds it in plain text.
+    SERVER_TOKEN_SETTING = "RepUXSegment/ServerToken"
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -720,6 +965,55 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
     def setExportFolder(self, path: str) -> None:
         qt.QSettings().setValue(self.EXPORT_FOLDER_SETTING, path)
 
+    def runOn(self) -> str:
+        value = self._setting(self.RUN_ON_SETTING, "local")
+        return value if value in RUN_ON else "local"
+
+    def setRunOn(self, value: str) -> None:
+        qt.QSettings().setValue(self.RUN_ON_SETTING, value)
+
+    def serverUrl(self) -> str:
+        return self._setting(self.SERVER_URL_SETTING)
+
+    def serverTokenFile(self) -> str:
+        return self._setting(self.SERVER_TOKEN_FILE_SETTING)
+
+    def rememberedServerToken(self) -> str:
+        return self._setting(self.SERVER_TOKEN_SETTING)
+
+    def setServer(self, url: str, tokenFile: str, rememberedToken: str) -> None:
+        """Store the server's URL and token file; the token itself only when the user asked
+        (``rememberedToken`` empty removes a stored one)."""
+        settings = qt.QSettings()
+        settings.setValue(self.SERVER_URL_SETTING, url)
+        settings.setValue(self.SERVER_TOKEN_FILE_SETTING, tokenFile)
+        if rememberedToken:
+            settings.setValue(self.SERVER_TOKEN_SETTING, rememberedToken)
+        else:
+            settings.remove(self.SERVER_TOKEN_SETTING)
+
+    @staticmethod
+    def serverSettings(url: str, tokenFile: str = "", token: str = "") -> "ServerSettings":
+        """The server to use: the token from ``tokenFile`` when given, else ``token``.
+
+        Raises:
+            ValueError: no URL, or no token.
+        """
+        if not url:
+            raise ValueError("enter the server's URL, e.g. http://127.0.0.1:8765")
+        if tokenFile:
+            return ServerSettings.from_token_file(url, tokenFile)
+        if not token:
+            raise ValueError("choose a token file, or enter the token the server printed")
+        return ServerSettings(url, token)
+
+    def connect(self, settings: "ServerSettings") -> tuple:
+        """The server's information and its models as catalog entries (network calls: seconds)."""
+        repux = self.repux()
+        info = repux.test_connection(settings.url, settings.token, settings.cafile)
+        models = {card["name"]: repux.server_model(settings, card["name"]) for card in info.get("models", [])}
+        return info, models
+
     @staticmethod
     def speedOptions(fast: bool) -> dict:
         """``repux segment`` options of the speed/quality choice: fewer overlapping windows and
@@ -747,9 +1041,29 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
             logging.warning(str(error))
             return None
 
-    def segment(self, volumeNode, model, device="auto", wait=True, progress=None, segmentationNode=None, **options):
-        """See ``RepUXLogic.segment``: a segmentation node (``wait=True``) or a running job."""
-        return self.repux().segment(volumeNode, model, device, wait, progress, segmentationNode, **options)
+    def segment(self, volumeNode, model, device="auto", wait=True, progress=None, segmentationNode=None, server=None, **options):
+        """See ``RepUXLogic.segment``: a segmentation node (``wait=True``) or a running job;
+        with ``server`` (a ``ServerSettings``) the job runs there."""
+        return self.repux().segment(volumeNode, model, device, wait, progress, segmentationNode, server=server, **options)
+
+    def segmentForReview(self, volumeNode, model, device="auto", segmentationNode=None, confidenceNode=None, **options):
+        """See ``RepUXLogic.segment_for_review``: a running job whose result is a ReviewResult."""
+        return self.repux().segment_for_review(
+            volumeNode, model, device, wait=False, segmentation_node=segmentationNode, confidence_node=confidenceNode, **options
+        )
+
+    def resegmentRoi(self, volumeNode, segmentationNode, roiNode, device="auto", confidenceNode=None, **options):
+        """See ``RepUXLogic.resegment_roi``: a running job whose result is the number of voxels changed."""
+        return self.repux().resegment_roi(
+            volumeNode, segmentationNode, roiNode, device=device, wait=False, confidence_node=confidenceNode, **options
+        )
+
+    def rankCases(self, cases, model, output, device="auto", **options):
+        """See ``RepUXLogic.rank_cases``: a running job whose result is the case paths, most uncertain first."""
+        return self.repux().rank_cases(cases, model, output, device=device, wait=False, **options)
+
+    def loadNextRankedCase(self, ranking, seen):
+        return self.repux().load_next_ranked_case(ranking, seen)
 
     def exportLabelmap(self, segmentationNode, path, referenceVolumeNode=None, model=None, overwrite=False):
         return self.repux().export_labelmap(segmentationNode, path, referenceVolumeNode, model, overwrite)

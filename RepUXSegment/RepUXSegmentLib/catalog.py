@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from repux.atomic import atomic_dir
+from repux.bundle.card import model_card
 from repux.bundle.errors import BundleError
 from repux.bundle.labels import Label, read_json_file
 from repux.bundle.metadata import BundleMetadata
@@ -72,31 +73,8 @@ class ModelEntry:
         return self.metadata.labels
 
     def card(self) -> dict[str, Any]:
-        """What the module shows about the model: labels, spacing, provenance and Dice, and the
-        ``usage_warning`` (None, or e.g. that a demo model is not for real scans)."""
-        provenance = dict(self.metadata.provenance)
-        return {
-            "name": self.name,
-            "model_name": self.metadata.name,
-            "source": self.source,
-            "path": str(self.path),
-            "description": self.metadata.description,
-            "usage_warning": self.metadata.usage_warning,
-            "architecture": self.metadata.architecture,
-            "labels": [
-                {"value": label.value, "name": label.name, "color": list(label.color)}
-                for label in self.labels
-                if label.value != 0
-            ],
-            "spacing_mm": list(self.metadata.preprocessing["spacing"]),
-            "patch_size": list(self.metadata.preprocessing["patch_size"]),
-            "intensity_window_hu": [
-                self.metadata.preprocessing["intensity"]["a_min"],
-                self.metadata.preprocessing["intensity"]["a_max"],
-            ],
-            "validation_dice": provenance.get("validation_dice", {}),
-            "provenance": provenance,
-        }
+        """What the module shows about the model (see :func:`repux.bundle.card.model_card`)."""
+        return model_card(self.name, self.path, self.source, self.metadata)
 
     def card_text(self) -> str:
         """The card as a few lines of plain text."""

@@ -12,6 +12,13 @@ Example::
     job = logic.segment(volume_node, "demo", wait=False)        # returns a RepuxJob
     while job.poll(): ...                                       # progress: job.latest
     logic.export_labelmap(segmentation, "/tmp/labels.nii.gz")
+    result = logic.segment_for_review(volume_node, "demo")     # segmentation + confidence node
+    rows = review.review_rows(result.segmentation, result.confidence, result.labels)
+    tour = review.UncertainRegionTour(result.segmentation, result.confidence, result.labels)
+    tour.next_region()                                          # {"ras": ..., "organs": [...], ...}
+    logic.resegment_roi(volume_node, result.segmentation, roi_node, "demo", confidence_node=result.confidence)
+    ranking = logic.rank_cases(["/data/unlabeled"], "demo", "/data/ranking.csv")
+    volume = logic.load_next_ranked_case("/data/ranking.csv", seen=[...])
     case = logic.add_case(volume_node, segmentation, "/data/curated", "demo")
     entry = logic.retrain("/data/curated", "demo", None, iterations=200)
     [m.name for m in logic.catalog.available()]                 # published, not installed
@@ -28,15 +35,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 import numpy as np
 
 import slicer
 from repux.errors import InputError
 
-from . import segmentations, trainingset
+from . import review, segmentations, trainingset
 from .catalog import ModelCatalog, ModelEntry
+from .remote import RemoteJob, ServerSettings, model_entry, test_connection
 from .runner import RepuxJob
-from .volumes import dimensions, ijk_to_ras, read_volume_node, same_grid, voxel_array, write_volume_node
+from .volumes import (
+    dimensions,
+    ijk_to_ras,
+    labelmap_node_from_array,
+    read_volume_node,
+    same_grid,
+    voxel_array,
+    write_volume_node,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 #: Largest difference (mm) between the input's and the result's voxel-to-RAS matrices.
@@ -61,6 +79,21 @@ def option_arguments(options: dict[str, Any]) -> list[str]:
         else:
             words += [flag, str(value)]
     return words
+
+
+@dataclass
+class ReviewResult:
+    """What :meth:`RepUXLogic.segment_for_review` returns.
+
+    Attributes:
+        segmentation: the segmentation node (one segment per label).
+        confidence: the confidence volume node (0..1 on the CT's grid, confidence colours).
+        labels: the model's labels (for :mod:`.review`'s functions).
+    """
+
+    segmentation: Any
+    confidence: Any
+    labels: list
 
 
 class RepUXLogic:
@@ -94,9 +127,13 @@ class RepUXLogic:
         wait: bool = True,
         progress: Progress | None = None,
         segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
+        server: ServerSettings | None = None,
         **options: Any,
     ) -> "slicer.vtkMRMLSegmentationNode | RepuxJob":
-        """Segment ``volume_node`` with ``model`` in a ``repux segment`` process.
+        """Segment ``volume_node`` with ``model`` in a ``repux segment`` process, or on ``server``.
+
+        With ``server``, ``model`` is a name the server serves, the server picks the device,
+        and the job is a :class:`.remote.RemoteJob` (same interface, same result).
 
         Result: ``segmentation_node`` (its segments replaced) or a new segmentation node in
         the scene, with one segment per label (name, colour, terminology), the volume as
@@ -106,31 +143,191 @@ class RepUXLogic:
         Returns the node (``wait=True``; raises :class:`.runner.JobError` on failure) or the
         running :class:`.runner.RepuxJob` (``wait=False``), whose ``result`` is the node.
         """
+        return self._segment_job(
+            volume_node, model, device, wait, progress, segmentation_node, options,
+            prepare=lambda work: [],
+            finish=lambda label_path, entry, commit: commit(),
+            server=server,
+        )
+
+    def segment_for_review(
+        self,
+        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        model: "str | os.PathLike | ModelEntry",
+        device: str = "auto",
+        wait: bool = True,
+        progress: Progress | None = None,
+        segmentation_node: "slicer.vtkMRMLSegmentationNode | None" = None,
+        confidence_node: "slicer.vtkMRMLScalarVolumeNode | None" = None,
+        **options: Any,
+    ) -> "ReviewResult | RepuxJob":
+        """:meth:`segment` plus the confidence map of the same pass, as a :class:`ReviewResult`.
+
+        The confidence becomes ``confidence_node`` (its voxels replaced) or a new scalar
+        volume node (values 0..1, :func:`.review.confidence_color_node` colours). ``options``
+        as in :meth:`segment` (e.g. ``tta="flips"``). Both nodes change only after the job
+        succeeded and both results were read and checked.
+        """
+        work_files: dict[str, Path] = {}
+
+        def prepare(work: Path) -> list[str]:
+            work_files["confidence"] = work / "confidence.nrrd"
+            return [f"--confidence={work_files['confidence']}"]
+
+        def finish(labels_node_or_path, entry: ModelEntry, commit) -> ReviewResult:
+            # Read the confidence first: a bad file leaves the segmentation untouched too.
+            confidence = read_volume_node(work_files["confidence"])
+            if not same_grid(confidence, volume_node, GRID_TOLERANCE_MM):
+                raise InputError(f"{work_files['confidence']}: not on the grid of volume {volume_node.GetName()!r}")
+            segmentation = commit()
+            node = review.import_confidence(self.scene, work_files["confidence"], volume_node, segmentation, confidence_node)
+            return ReviewResult(segmentation, node, list(entry.labels))
+
+        return self._segment_job(volume_node, model, device, wait, progress, segmentation_node, options, prepare, finish)
+
+    def _segment_job(self, volume_node, model, device, wait, progress, segmentation_node, options, prepare, finish, server=None):
+        """A ``repux segment`` job whose extra arguments come from ``prepare(work)`` and whose
+        result is ``finish(label_path, entry, commit)``; ``commit()`` imports the labels.
+        With ``server`` (plain segmentation only: no extra arguments), a :class:`.remote.RemoteJob`."""
         if device not in DEVICES:
             raise InputError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
         if volume_node is None or volume_node.GetImageData() is None:
             raise InputError("input volume: none selected, or it has no voxel data")
         if segmentation_node is not None and segmentation_node.GetScene() is not self.scene:
             raise InputError(f"segmentation {segmentation_node.GetName()!r}: is not in this logic's scene")
-        entry = self.catalog.get(model)
+        entry = self.catalog.get(model) if server is None else None
         work = Path(tempfile.mkdtemp(prefix="repux-segment-", dir=self.temp_dir))
         input_path, output_path = work / "input.nrrd", work / "labels.nrrd"
         try:
             write_volume_node(volume_node, input_path, compress=False)
+            extra = prepare(work)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
+        if server is not None:
+            job = RemoteJob(
+                server,
+                input_path,
+                output_path,
+                model.name if isinstance(model, ModelEntry) else str(model),
+                options,
+                finish=lambda: self._import_result(output_path, volume_node, job.entry, segmentation_node),
+                cleanup=lambda: shutil.rmtree(work, ignore_errors=True),
+                progress=progress,
+                description=f"repux segment ({volume_node.GetName()}, model {model} on {server.url})",
+            )
+            return job.wait() if wait else job
         args = ["segment", str(input_path), "-o", str(output_path), "--model", str(entry.path), "--device", device]
-        args += ["--progress", "jsonl", *option_arguments(options)]
+        args += ["--progress", "jsonl", *extra, *option_arguments(options)]
         job = RepuxJob(
             args,
             python=self.python,
-            finish=lambda: self._import_result(output_path, volume_node, entry, segmentation_node),
+            finish=lambda: finish(
+                output_path, entry, lambda: self._import_result(output_path, volume_node, entry, segmentation_node)
+            ),
             cleanup=lambda: shutil.rmtree(work, ignore_errors=True),
             progress=progress,
             description=f"repux segment ({volume_node.GetName()}, model {entry.name})",
         )
         return job.wait() if wait else job
+
+    def resegment_roi(
+        self,
+        volume_node: "slicer.vtkMRMLScalarVolumeNode",
+        segmentation_node: "slicer.vtkMRMLSegmentationNode",
+        roi_node: "slicer.vtkMRMLMarkupsROINode",
+        model: "str | os.PathLike | ModelEntry | None" = None,
+        device: str = "auto",
+        wait: bool = True,
+        progress: Progress | None = None,
+        confidence_node: "slicer.vtkMRMLScalarVolumeNode | None" = None,
+        **options: Any,
+    ) -> "int | RepuxJob":
+        """Segment again only inside ``roi_node``'s box and write the result into the segments.
+
+        The job runs only the sliding windows that reach the box (``repux segment --roi
+        --update``); inside the box its labels equal a whole-CT run's. Only voxels whose label
+        changes are written (:func:`.review.merge_region_result`): outside the box nothing
+        changes, whatever the user edited. ``confidence_node``: its voxels inside the box are
+        replaced by the new confidence. ``model``: default the one that made the segmentation.
+        Returns the number of voxels changed (``wait=True``) or the job.
+        """
+        box = review.roi_box(roi_node, volume_node)
+        labels = self._labels_for(segmentation_node, model)
+        entry = self.catalog.get(model if model is not None else segmentation_node.GetAttribute(segmentations.MODEL_ATTRIBUTE))
+        geometry = segmentations.reference_geometry(segmentation_node, volume_node)
+        before = segmentations.labelmap_array(segmentation_node, labels, geometry, ignore_unknown=True)
+        matrix = ijk_to_ras(volume_node)
+        work_files: dict[str, Path] = {}
+
+        def prepare(work: Path) -> list[str]:
+            work_files["update"] = work / "current.nrrd"
+            work_files["confidence"] = work / "confidence.nrrd"
+            write_volume_node(labelmap_node_from_array(before, matrix), work_files["update"], compress=False)
+            return [review.roi_argument(box), f"--update={work_files['update']}", f"--confidence={work_files['confidence']}"]
+
+        def finish(label_path: Path, entry: ModelEntry, commit) -> int:
+            result_node = read_volume_node(label_path, labelmap=True)
+            confidence = read_volume_node(work_files["confidence"])
+            for node, what in ((result_node, "labels"), (confidence, "confidence")):
+                if not same_grid(node, volume_node, GRID_TOLERANCE_MM):
+                    raise InputError(f"{what} of the region: not on the grid of volume {volume_node.GetName()!r}")
+            result = voxel_array(result_node)
+            segmentations.check_label_values(result, labels, str(label_path))
+            changed = review.merge_region_result(segmentation_node, result, before, matrix, labels)
+            if confidence_node is not None:
+                review.merge_region_confidence(confidence_node, voxel_array(confidence))
+            return changed
+
+        return self._segment_job(volume_node, entry, device, wait, progress, None, options, prepare, finish)
+
+    def rank_cases(
+        self,
+        cases: "list[str | os.PathLike]",
+        model: "str | os.PathLike | ModelEntry",
+        output: str | os.PathLike,
+        device: str = "auto",
+        wait: bool = True,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> "list[Path] | RepuxJob":
+        """Rank CT files or folders of them by the model's uncertainty (``repux rank``) into the
+        table ``output``; the result is the case paths, most uncertain first."""
+        if device not in DEVICES:
+            raise InputError(f"device {device!r}: expected one of {', '.join(DEVICES)}")
+        entry = self.catalog.get(model)
+        args = ["rank", *(str(Path(c).expanduser().resolve()) for c in cases), "-o", str(Path(output).resolve())]
+        args += ["--model", str(entry.path), "--device", device, "--progress", "jsonl", *option_arguments(options)]
+        job = RepuxJob(
+            args,
+            python=self.python,
+            finish=lambda: review.ranked_cases(output),
+            progress=progress,
+            description=f"repux rank ({len(cases)} input(s), model {entry.name})",
+        )
+        return job.wait() if wait else job
+
+    def load_next_ranked_case(
+        self, ranking_path: str | os.PathLike, seen: "list[str | os.PathLike]"
+    ) -> "slicer.vtkMRMLScalarVolumeNode | None":
+        """Load the most uncertain case of a ranking not in ``seen`` as a volume node; None when all were seen."""
+        path = review.next_ranked_case(ranking_path, seen)
+        if path is None:
+            return None
+        node = read_volume_node(path)
+        node.SetName(self.scene.GenerateUniqueName(node.GetName()))
+        self.scene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        node.SetAttribute(review.CASE_PATH_ATTRIBUTE, str(path))
+        return node
+
+    def test_connection(self, url: str, token: str, cafile: str | None = None) -> dict[str, Any]:
+        """The server's version, devices, limits and models (catalog cards); raises InputError with the reason."""
+        return test_connection(ServerSettings(url, token, cafile))
+
+    def server_model(self, server: ServerSettings, name: str) -> ModelEntry:
+        """The entry of a model on ``server`` (for its card and labels), as :meth:`ModelCatalog.get` gives local ones."""
+        return model_entry(server, name)
 
     def _import_result(self, label_path: Path, volume_node, entry: ModelEntry, segmentation_node):
         # Everything that can fail happens before the scene is touched.

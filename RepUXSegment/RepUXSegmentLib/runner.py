@@ -183,20 +183,7 @@ class ProcessJob:
         progress: Callable[[dict[str, Any]], None] | None = None,
         description: str = "",
     ) -> None:
-        self.command = [str(word) for word in command]
-        self.description = description or " ".join(self.command[:1])
-        self.state = RUNNING
-        self.records: list[dict[str, Any]] = []
-        self.latest: dict[str, Any] | None = None
-        self.log: deque[str] = deque(maxlen=LOG_LINES)
-        self.warnings: list[str] = []
-        self.error: str | None = None
-        self.result: Any = None
-        self.returncode: int | None = None
-        self._finish = finish
-        self._cleanup = cleanup
-        self._progress = progress
-        self._cancel_requested = False
+        self._init_state(command, description or " ".join(str(word) for word in command[:1]), finish, cleanup, progress)
         self._kill_at: float | None = None
         self._killed = False
         self._lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
@@ -221,6 +208,31 @@ class ProcessJob:
             raise JobError(f"cannot start {self.command[0]}: {error}") from None
         for name, stream in (("out", self.process.stdout), ("err", self.process.stderr)):
             threading.Thread(target=self._read, args=(name, stream), daemon=True).start()
+
+    def _init_state(
+        self,
+        command: Sequence[str],
+        description: str,
+        finish: Callable[[], Any] | None,
+        cleanup: Callable[[], None] | None,
+        progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        """What every job has, whatever runs it (a child process here, a server in ``remote``)."""
+        self.command = [str(word) for word in command]
+        self.description = description
+        self.state = RUNNING
+        self.records: list[dict[str, Any]] = []
+        self.latest: dict[str, Any] | None = None
+        self.log: deque[str] = deque(maxlen=LOG_LINES)
+        self.warnings: list[str] = []
+        self.error: str | None = None
+        self.result: Any = None
+        self.returncode: int | None = None
+        self._finish = finish
+        self._cleanup = cleanup
+        self._progress = progress
+        self._cancel_requested = False
+        self._control_dir: Path | None = None
 
     # -- reading ------------------------------------------------------------------------
     def _read(self, name: str, stream: Any) -> None:
@@ -340,7 +352,8 @@ class ProcessJob:
         return f"{self.description} exited with code {self.returncode}: {tail}"
 
     def _run_cleanup(self) -> None:
-        shutil.rmtree(self._control_dir, ignore_errors=True)
+        if self._control_dir is not None:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
         cleanup, self._cleanup = self._cleanup, None
         if cleanup is not None:
             cleanup()

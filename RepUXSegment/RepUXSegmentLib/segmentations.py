@@ -121,11 +121,14 @@ def model_labels(segmentation_node: "slicer.vtkMRMLSegmentationNode") -> list[La
     return labels_from_list(json.loads(text), f"segmentation {segmentation_node.GetName()!r}", LABELS_ATTRIBUTE)
 
 
-def values_by_segment(segmentation_node: "slicer.vtkMRMLSegmentationNode", labels: Sequence[Label]) -> dict[str, int]:
+def values_by_segment(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode", labels: Sequence[Label], ignore_unknown: bool = False
+) -> dict[str, int]:
     """Segment ID -> the model's value for the segment's name.
 
     Raises:
-        InputError: a segment's name is not a foreground label of the model.
+        InputError: a segment's name is not a foreground label of the model (unless
+            ``ignore_unknown``: such segments are then left out).
     """
     value_of = {label.name: label.value for label in labels if label.value != 0}
     segmentation = segmentation_node.GetSegmentation()
@@ -137,7 +140,7 @@ def values_by_segment(segmentation_node: "slicer.vtkMRMLSegmentationNode", label
             result[segment_id] = value_of[name]
         else:
             unknown.append(name)
-    if unknown:
+    if unknown and not ignore_unknown:
         raise InputError(
             f"segmentation {segmentation_node.GetName()!r}: segments {unknown} are not labels of the model; "
             f"expected names from {sorted(value_of)} (rename or delete those segments)"
@@ -221,34 +224,45 @@ def labelmap_array(
     segmentation_node: "slicer.vtkMRMLSegmentationNode",
     labels: Sequence[Label],
     geometry: "slicer.vtkOrientedImageData",
+    ignore_unknown: bool = False,
 ) -> np.ndarray:
     """The segments as one label map (K, J, I) on ``geometry``, each with its model value by name.
 
-    Where segments overlap, the later segment (in the segmentation's order) wins.
+    Where segments overlap, the later segment (in the segmentation's order) wins. Segments
+    the model does not know are refused, or left out with ``ignore_unknown``.
     """
-    values = values_by_segment(segmentation_node, labels)
+    values = values_by_segment(segmentation_node, labels, ignore_unknown)
     dims = geometry.GetDimensions()
     dtype = np.uint8 if max([0, *values.values()]) < 256 else np.uint16
     result = np.zeros((dims[2], dims[1], dims[0]), dtype=dtype)
-    resample = slicer.vtkOrientedImageDataResample
     for segment_id, value in values.items():
-        binary = slicer.vtkOrientedImageData()
-        segmentation_node.GetBinaryLabelmapRepresentation(segment_id, binary)
-        if binary.GetPointData().GetScalars() is None:
-            continue  # an empty segment
-        on_grid = slicer.vtkOrientedImageData()
-        # No padding: the output covers exactly the reference extent (parts outside are cut).
-        if not resample.ResampleOrientedImageToReferenceOrientedImage(binary, geometry, on_grid, False, False):
-            raise InputError(f"segment {segment_id!r}: could not be resampled onto the reference grid")
-        if on_grid.GetPointData().GetScalars() is None:
-            continue  # nothing of the segment lies on the reference grid
-        if tuple(on_grid.GetExtent()) != tuple(geometry.GetExtent()):
-            raise InputError(
-                f"segment {segment_id!r}: resampled to extent {on_grid.GetExtent()}, "
-                f"expected the reference extent {geometry.GetExtent()}"
-            )
-        result[_image_array(on_grid) > 0] = value
+        result[segment_mask(segmentation_node, segment_id, geometry)] = value
     return result
+
+
+def segment_mask(
+    segmentation_node: "slicer.vtkMRMLSegmentationNode", segment_id: str, geometry: "slicer.vtkOrientedImageData"
+) -> np.ndarray:
+    """One segment's voxels as a bool array (K, J, I) on ``geometry`` (all False when empty)."""
+    dims = geometry.GetDimensions()
+    empty = np.zeros((dims[2], dims[1], dims[0]), dtype=bool)
+    binary = slicer.vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, binary)
+    if binary.GetPointData().GetScalars() is None:
+        return empty  # an empty segment
+    on_grid = slicer.vtkOrientedImageData()
+    # No padding: the output covers exactly the reference extent (parts outside are cut).
+    resample = slicer.vtkOrientedImageDataResample
+    if not resample.ResampleOrientedImageToReferenceOrientedImage(binary, geometry, on_grid, False, False):
+        raise InputError(f"segment {segment_id!r}: could not be resampled onto the reference grid")
+    if on_grid.GetPointData().GetScalars() is None:
+        return empty  # nothing of the segment lies on the reference grid
+    if tuple(on_grid.GetExtent()) != tuple(geometry.GetExtent()):
+        raise InputError(
+            f"segment {segment_id!r}: resampled to extent {on_grid.GetExtent()}, "
+            f"expected the reference extent {geometry.GetExtent()}"
+        )
+    return _image_array(on_grid) > 0
 
 
 def geometry_matrix(geometry: "slicer.vtkOrientedImageData") -> np.ndarray:

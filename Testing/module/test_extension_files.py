@@ -77,7 +77,7 @@ def test_every_widget_the_code_uses_exists_in_the_ui():
 def test_every_custom_widget_class_is_declared_and_node_selectors_get_the_scene():
     root = ElementTree.parse(UI_FILE).getroot()
     declared = {custom.findtext("class") for custom in root.iter("customwidget")}
-    qt_classes = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QSpinBox", "QProgressBar", "QPlainTextEdit", "QLineEdit"}
+    qt_classes = {"QWidget", "QLabel", "QComboBox", "QPushButton", "QCheckBox", "QSpinBox", "QDoubleSpinBox", "QProgressBar", "QPlainTextEdit", "QLineEdit", "QTableWidget"}
     used = {widget.get("class") for widget in ui_widgets().values()}
     assert used - qt_classes <= declared
     selectors = {name for name, widget in ui_widgets().items() if widget.get("class") == "qMRMLNodeComboBox"}

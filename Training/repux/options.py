@@ -38,3 +38,13 @@ def check_overlap(overlap: float | None) -> float | None:
     if overlap is not None and not 0.0 <= overlap < 1.0:
         raise InputError(f"--overlap {overlap}: expected a number 0 <= overlap < 1")
     return overlap
+
+#: Default low-confidence threshold of the review maps: the chosen label has less than an even chance.
+LOW_CONFIDENCE = 0.5
+#: Help of ``--tta`` (``repux segment``, ``repux rank``).
+TTA_HELP = (
+    "test-time augmentation: 'flips' averages each window over its 8 mirror images "
+    "(as nnU-Net; 8 times the network's work)"
+)
+#: Help of ``--low-confidence``.
+LOW_CONFIDENCE_HELP = f"confidence below which a voxel counts as low-confidence (0..1, default {LOW_CONFIDENCE})"

@@ -99,6 +99,22 @@ class Progress:
         else:
             print(f"warning: {text}", file=sys.stderr, flush=True)
 
+    def replay(self, record: dict[str, Any]) -> None:
+        """Report a record another process made (a server's job): as it is in jsonl mode, else on the bar."""
+        if self.mode == "jsonl":
+            self._emit(record)
+            return
+        if record.get("stage") == "warning" and "message" in record:
+            self.warning(str(record["message"]))
+        elif "message" in record:
+            self.message(str(record["message"]))
+        elif "done" in record:
+            if record.get("stage") != self._stage:
+                self.stage(str(record.get("stage")), record.get("total"), int(record.get("done") or 0))
+            else:
+                extra = {k: v for k, v in record.items() if k not in ("stage", "done", "total", "eta")}
+                self.update(int(record.get("done") or 0), **extra)
+
     def finish(self, stage: str = "done", **fields: Any) -> None:
         """Close the current bar and, in jsonl mode, report the final ``stage``."""
         self._close_bar()

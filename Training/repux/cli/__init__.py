@@ -17,6 +17,8 @@ from repux.large_pages import enable_large_pages
 #: subcommand name -> module in this package, in the order ``repux --help`` lists them.
 SUBCOMMANDS = {
     "segment": "segment",
+    "rank": "rank",
+    "serve": "serve",
     "evaluate": "evaluate",
     "train": "train",
     "import-checkpoint": "import_checkpoint",

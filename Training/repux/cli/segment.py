@@ -3,6 +3,10 @@
 One input and an output file name with a label-map ending: one case. Several inputs, or a
 folder of cases, and an output folder: one output per case, named after the input, and
 cases whose outputs exist already are skipped (reported) unless ``--force``.
+
+Review options (their own block below: ``configure_review``, ``plan_review``,
+``review_prediction``): confidence and entropy maps, the per-organ review table, test-time
+mirroring, and re-segmentation of a box (``--roi``) into an existing label map (``--update``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from repux.options import DEVICE_HELP, FAST_HELP
 from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from repux.infer.roi import RasBox
     from repux.progress import Progress
 
 HELP = "segment CTs with a RepUX-Net model bundle: label maps, Slicer segmentations, organ volumes"
@@ -88,6 +95,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="replace existing outputs (default: refuse, or skip done cases)"
     )
+    server = parser.add_argument_group("on a server (repux serve)")
+    server.add_argument("--server", metavar="URL", help="segment on this repux server (http(s)://HOST:PORT) instead of here")
+    server.add_argument("--token-file", metavar="FILE", help="file whose first line is the server's access token")
+    server.add_argument("--server-cafile", metavar="PEM", help="certificate to trust for an https server (e.g. its self-signed one)")
+    server.add_argument(
+        "--server-timeout", type=float, default=30.0, metavar="S", help="seconds to keep retrying an unreachable server (default 30)"
+    )
+    configure_review(parser)
 
 
 @dataclass
@@ -98,6 +113,8 @@ class Case:
     image: Path
     labels: Path
     probabilities: Path | None
+    confidence: Path | None = None
+    entropy: Path | None = None
 
 
 def case_name(path: Path) -> str:
@@ -174,7 +191,7 @@ def plan_cases(args: argparse.Namespace) -> tuple[list[Case], bool]:
 
 
 def _outputs(case: Case) -> list[Path]:
-    return [p for p in (case.probabilities, case.labels) if p is not None]
+    return [p for p in (case.probabilities, case.confidence, case.entropy, case.labels) if p is not None]
 
 
 def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
@@ -191,13 +208,20 @@ def check_outputs(cases: list[Case], args: argparse.Namespace) -> None:
         outputs[f"label map of {case.name}"] = case.labels
         if case.probabilities is not None:
             outputs[f"probabilities of {case.name}"] = case.probabilities
+        if case.confidence is not None:
+            outputs[f"confidence of {case.name}"] = case.confidence
+        if case.entropy is not None:
+            outputs[f"entropy of {case.name}"] = case.entropy
     if args.volumes:
         outputs["volume table"] = Path(args.volumes)
+    if args.review:
+        outputs["review table"] = Path(args.review)
     if len(cases) == 1:  # one case: "the label map", "the probabilities"
         outputs = {what.replace(f" of {cases[0].name}", ""): path for what, path in outputs.items()}
     model = Path(args.model)
     inputs = [case.image for case in cases if case.image.is_file()]
     inputs += [p for p in model.iterdir() if p.is_file()] if model.is_dir() else []
+    inputs += [Path(args.update)] if args.update else []
     refuse_outputs_over_inputs(outputs, inputs)
     for what, path in outputs.items():
         check_writable(path, what)
@@ -208,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
 
     progress = Progress(args.progress)
     with progress.reporting_outcome():
+        if args.server:
+            from repux.serve.client import segment_on_server
+
+            return segment_on_server(args, progress)
         return _run(args, progress)
 
 
@@ -219,10 +247,11 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     check_device_name(args.device)
     check_overlap(args.overlap)
     cases, single_file = plan_cases(args)
+    box = plan_review(cases, args, single_file)
     check_outputs(cases, args)
-    if args.volumes:
-        if Path(args.volumes).exists() and not args.force:
-            raise FileExistsError(f"{args.volumes}: already exists; refusing to overwrite it (use --force)")
+    for table in (args.volumes, args.review):
+        if table and Path(table).exists() and not args.force:
+            raise FileExistsError(f"{table}: already exists; refusing to overwrite it (use --force)")
     if single_file and not args.force:
         for path in _outputs(cases[0]):
             if path.exists():
@@ -242,10 +271,11 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         fast=args.fast,
         progress=progress,
         optimize=not args.plain_network,
+        mirror=args.tta == "flips",
         backend=args.backend,
     )
 
-    rows, written, skipped, failed = [], [], [], []
+    rows, review_rows, written, skipped, failed = [], [], [], [], []
     for index, case in enumerate(cases, start=1):
         existing = [p for p in _outputs(case) if p.exists()]
         if existing and not args.force:
@@ -256,12 +286,23 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
             progress.message(f"skipped {case.name}: {case.labels} exists", case=case.name, skipped=True)
             if args.volumes:
                 rows += label_volumes(read_volume(case.labels), bundle.labels, case.name)
+            if args.review:
+                review_rows += skipped_case_review(case, args, bundle.labels, progress)
             continue
         try:
             progress.stage("read")
             progress.message(f"case {index}/{len(cases)}: {case.name}", case=case.name, index=index, cases=len(cases))
             image = read_volume(case.image, series=args.series)
-            prediction = segmenter.predict(image, probabilities=case.probabilities is not None, source=str(case.image))
+            # Refused before the inference, not after it.
+            update_labels = read_update(image, args, bundle.labels) if args.update else None
+            prediction = segmenter.predict(
+                image,
+                probabilities=case.probabilities is not None,
+                source=str(case.image),
+                review=wants_review_maps(case, args),
+                roi=box,
+            )
+            case_review = review_prediction(prediction, image, case, args, bundle.labels, update_labels)
             progress.stage("write")
             if case.probabilities is not None:
                 write_probabilities(prediction.probabilities, image, case.probabilities, overwrite=args.force)
@@ -269,14 +310,12 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         except InputError as error:
             if single_file:
                 raise
-            failed.append(str(error))
-            progress.message(f"failed {case.name}: {error}", case=case.name, failed=True)
+            record_failure(progress, case.name, str(error), failed)
             continue
         except Exception as error:  # noqa: BLE001 - one case's failure, whatever it is, must not stop the others
             if single_file:
                 raise
-            failed.append(f"{case.image}: {type(error).__name__}: {error}")
-            progress.message(f"failed {case.name}: {type(error).__name__}: {error}", case=case.name, failed=True)
+            record_failure(progress, case.name, f"{case.image}: {type(error).__name__}: {error}", failed)
             continue
         for note in prediction.notes:
             progress.message(note, case=case.name)
@@ -284,13 +323,176 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         progress.message(f"wrote {case.labels}", case=case.name, output=str(case.labels))
         if args.volumes:
             rows += label_volumes(prediction.labels, bundle.labels, case.name)
+        review_rows += case_review
 
     if args.volumes:
         write_table(rows, args.volumes, overwrite=args.force)
         progress.message(f"wrote {args.volumes}")
+    if args.review:
+        write_table(review_rows, args.review, overwrite=args.force)
+        progress.message(f"wrote {args.review}")
+    return finish_batch(progress, len(cases), written, skipped, failed)
+
+
+def record_failure(progress: Progress, case_name: str, message: str, failed: list[str]) -> None:
+    """One case of a batch could not be done: note it and say so; the batch goes on."""
+    failed.append(message)
+    progress.message(f"failed {case_name}: {message}", case=case_name, failed=True)
+
+
+def finish_batch(progress: Progress, count: int, written: list[str], skipped: list[str], failed: list[str]) -> int:
+    """End a batch of ``count`` cases: an error listing the failed ones (exit 2), else ``done``.
+
+    Raises:
+        InputError: one or more cases failed (each line names the case and why).
+    """
     if failed:
-        raise InputError(f"{len(failed)} of {len(cases)} case(s) failed:\n  " + "\n  ".join(failed))
+        raise InputError(f"{len(failed)} of {count} case(s) failed:\n  " + "\n  ".join(failed))
     if skipped:
         progress.message(f"skipped {len(skipped)} case(s) whose outputs exist (use --force to redo them)")
     progress.finish("done", outputs=written, skipped=skipped)
     return 0
+
+
+# -- review: confidence maps, review table, test-time mirroring, region re-segmentation ----------
+
+
+def configure_review(parser: argparse.ArgumentParser) -> None:
+    """The review options of ``repux segment``."""
+    from repux.options import LOW_CONFIDENCE, LOW_CONFIDENCE_HELP, TTA_HELP
+
+    group = parser.add_argument_group("review")
+    group.add_argument(
+        "--confidence",
+        metavar="PATH",
+        help="also write the confidence map: the probability of the chosen label per voxel, on the input's "
+        "grid, as uint8 (probability = value / 255); a file for one input, a folder for several",
+    )
+    group.add_argument(
+        "--entropy",
+        metavar="PATH",
+        help="also write the softmax entropy / log(number of labels) per voxel (0 certain .. 1 all labels "
+        "equal), uint8, value / 255; a file for one input, a folder for several",
+    )
+    group.add_argument(
+        "--review",
+        metavar="TABLE",
+        help="write a per-organ review table (.csv or .json): volume_ml, components, outside_largest_ml, "
+        "mean_confidence, low_confidence_ml",
+    )
+    group.add_argument(
+        "--low-confidence",
+        type=float,
+        default=LOW_CONFIDENCE,
+        metavar="T",
+        help=LOW_CONFIDENCE_HELP,
+    )
+    group.add_argument(
+        "--tta",
+        choices=("none", "flips"),
+        default="none",
+        help=TTA_HELP,
+    )
+    group.add_argument(
+        "--roi",
+        metavar="R0,A0,S0,R1,A1,S1",
+        help="segment only the voxels inside this box (two opposite corners, RAS mm; write --roi=-10,... when "
+        "the first number is negative); only the sliding windows reaching it run, and inside it the result "
+        "equals the whole-image result; outside it the output is 0 (or --update's values)",
+    )
+    group.add_argument(
+        "--update",
+        metavar="LABELS",
+        help="with --roi and one input: an existing label map on the input's grid; the output is this map "
+        "with the box replaced (voxels outside the box keep their values)",
+    )
+
+
+def plan_review(cases: list[Case], args: argparse.Namespace, single_file: bool) -> "RasBox | None":
+    """Check the review options and name each case's review outputs; the parsed --roi box or None."""
+    from repux.infer.roi import RasBox
+    from repux.infer.writers import PROBABILITY_SUFFIXES, TABLE_SUFFIXES, output_suffix, require_suffix
+
+    if not 0.0 < args.low_confidence <= 1.0:
+        raise InputError(f"--low-confidence {args.low_confidence}: expected a number in (0, 1]")
+    if args.review:
+        require_suffix(args.review, TABLE_SUFFIXES, "--review")
+    for option in ("confidence", "entropy"):
+        value = getattr(args, option)
+        if not value:
+            continue
+        if single_file:
+            require_suffix(value, PROBABILITY_SUFFIXES, f"--{option} with one input")
+            setattr(cases[0], option, Path(value))
+            continue
+        if output_suffix(value, PROBABILITY_SUFFIXES):
+            raise InputError(f"--{option} {value}: expected a folder when the output is a folder")
+        for case in cases:
+            setattr(case, option, Path(value) / f"{case.name}{PROBABILITIES_SUFFIX}")
+    if args.update:
+        if not args.roi:
+            raise InputError(f"--update {args.update}: only with --roi (the box to replace); expected --roi too")
+        if not single_file:
+            raise InputError(f"--update {args.update}: only with one input and one output file")
+        if not Path(args.update).is_file():
+            raise FileNotFoundError(f"--update {args.update}: no such file")
+    return RasBox.parse(args.roi) if args.roi else None
+
+
+def wants_review_maps(case: Case, args: argparse.Namespace) -> bool:
+    return bool(args.review) or case.confidence is not None or case.entropy is not None
+
+
+def read_update(image, args: argparse.Namespace, label_list) -> "np.ndarray":
+    """The --update label map's voxels, refused unless it lies on ``image``'s grid and holds the model's values."""
+    import numpy as np
+
+    from repux.imageio import read_volume
+
+    existing = read_volume(args.update)
+    if existing.shape != image.shape or not np.allclose(existing.affine, image.affine, atol=1e-3):
+        raise InputError(
+            f"--update {args.update}: grid {existing.shape} / {np.round(existing.affine, 3).tolist()} differs from "
+            f"the input's {image.shape} / {np.round(image.affine, 3).tolist()}; expected a label map of this input"
+        )
+    known = {label.value for label in label_list}
+    unknown = sorted(int(v) for v in np.unique(existing.array) if int(v) not in known)
+    if unknown:
+        raise InputError(f"--update {args.update}: label values {unknown}; expected the model's values {sorted(known)}")
+    return existing.array
+
+
+def review_prediction(prediction, image, case: Case, args: argparse.Namespace, label_list, existing=None) -> list[dict]:
+    """Merge a --roi result into ``existing`` (the --update voxels), write the review maps,
+    return the case's review rows."""
+    import numpy as np
+
+    from repux.imageio import write_volume
+    from repux.review import organ_review
+
+    if existing is not None:
+        merged = np.where(prediction.roi, prediction.labels.array, existing.astype(prediction.labels.array.dtype))
+        prediction.labels = prediction.labels.with_array(merged)
+    for path, values in ((case.confidence, prediction.confidence), (case.entropy, prediction.entropy)):
+        if path is not None:
+            write_volume(image.with_array(values), path, overwrite=args.force)
+    if not args.review:
+        return []
+    labels = prediction.labels.array
+    if prediction.roi is not None:
+        # Only the box was segmented: the table describes the box.
+        labels = np.where(prediction.roi, labels, 0).astype(labels.dtype)
+    return organ_review(labels, prediction.confidence, image.spacing, label_list, args.low_confidence, case.name)
+
+
+def skipped_case_review(case: Case, args: argparse.Namespace, label_list, progress: "Progress") -> list[dict]:
+    """Review rows of a case skipped because its outputs exist: from its files, when its
+    confidence map is one of them; else none (reported)."""
+    from repux.imageio import read_volume
+    from repux.review import organ_review
+
+    if case.confidence is None:
+        progress.message(f"{case.name}: no review rows (skipped, and no --confidence map to read them from)")
+        return []
+    labels, confidence = read_volume(case.labels), read_volume(case.confidence)
+    return organ_review(labels.array, confidence.array, labels.spacing, label_list, args.low_confidence, case.name)

@@ -20,16 +20,20 @@ from repux.bundle import Bundle
 from repux.errors import InputError
 from repux.imageio import Volume
 from repux.infer.export import to_input_grid
+from repux.infer.grid import Grid
 from repux.infer.predict import (
     ExecutionPlan,
     SlidingWindowConfig,
     WindowPredictor,
     plan_execution,
     predict_probabilities,
+    window_grid,
     windows_fitting_memory,
+    windows_overlapping,
 )
 from repux.infer.memory import case_memory_bytes, require_memory
-from repux.infer.preprocess import PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
+from repux.infer.preprocess import Preprocessed, PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
+from repux.infer.roi import RasBox, RoiVoxels, roi_voxels
 from repux.infer.scan_check import scan_warnings
 from repux.options import DEVICE_CHOICES, check_overlap
 from repux.progress import Progress
@@ -79,8 +83,13 @@ class Prediction:
     Attributes:
         labels: label map with the input's exact geometry (uint8, or uint16 beyond 256 labels).
         probabilities: (C, I, J, K) float32 on the input grid when asked for, else None.
+        confidence, entropy: (I, J, K) uint8 review maps when asked for (see
+            :mod:`repux.infer.export`: probability of the chosen label and normalised
+            softmax entropy, x 255), else None.
+        roi: with a region of interest, the (I, J, K) bool mask of the voxels inside it; only
+            those hold results (equal to the whole-image run's), the others are 0.
         plan: the execution plan that succeeded (device, stitching device, windows per pass).
-        windows: number of sliding windows.
+        windows: number of sliding windows run.
         seconds: wall time per stage ("preprocess", "infer", "export").
         notes: messages worth showing (out-of-memory retries, ignored options).
         warnings: why the scan does not look like the model's training scans
@@ -91,6 +100,9 @@ class Prediction:
     probabilities: np.ndarray | None
     plan: ExecutionPlan
     windows: int
+    confidence: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    roi: np.ndarray | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -112,6 +124,8 @@ class Segmenter:
             :func:`~repux.accel.optimize_for_inference` (the same function, faster).
         windows_per_pass: windows per forward pass; None: the bundle's, fewer on a CPU when
             their activations would not fit (:func:`~repux.infer.predict.windows_fitting_memory`).
+        mirror: test-time mirroring (``--tta flips``): each window's logits averaged over
+            its 8 mirror images, 8 times the network's work.
         backend: "torch", or "openvino": the optimized network exported to OpenVINO
             (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
     """
@@ -126,6 +140,7 @@ class Segmenter:
         network: nn.Module | None = None,
         optimize: bool = True,
         windows_per_pass: int | None = None,
+        mirror: bool = False,
         backend: str = "torch",
     ) -> None:
         check_overlap(overlap)
@@ -152,7 +167,7 @@ class Segmenter:
             if optimize:
                 # Exact float32 rewrites; bf16 (fast) is the WindowPredictor's, on whichever device it runs.
                 model = optimize_for_inference(model, self.device, InferenceOptions())
-        self.predictor = WindowPredictor(model, self.device, fast)
+        self.predictor = WindowPredictor(model, self.device, fast, mirror=mirror, channels=self.out_chans)
         self.fast = fast
 
     def _backend_network(self, backend: str, network: nn.Module | None, optimize: bool, fast: bool) -> nn.Module:
@@ -181,7 +196,7 @@ class Segmenter:
             precision="bfloat16" if fast and backend == "openvino" and native_bfloat16("cpu") else "float32",
         )
 
-    def _require_memory(self, volume: Volume, probabilities: bool, source: str) -> None:
+    def _require_memory(self, volume: Volume, probabilities: bool, review: bool, source: str) -> None:
         """Refuse a case whose volumes cannot fit in memory, before allocating any of them."""
         grid = plan_grids(volume, self.preprocessing)[2]
         padded = padded_shape(grid.shape, self.preprocessing.patch_size)
@@ -192,6 +207,7 @@ class Segmenter:
             padded_voxels=int(np.prod(padded, dtype=np.float64)),
             channels=self.out_chans,
             probabilities=probabilities,
+            review_maps=review,
         )
         spacing = " x ".join(f"{s:g}" for s in volume.spacing)
         model = " x ".join(str(n) for n in grid.shape)
@@ -201,16 +217,30 @@ class Segmenter:
         """Labels of ``volume`` on its own voxel grid (see :meth:`predict`)."""
         return self.predict(volume, source=source).labels
 
-    def predict(self, volume: Volume, probabilities: bool = False, source: str = "image") -> Prediction:
+    def predict(
+        self,
+        volume: Volume,
+        probabilities: bool = False,
+        source: str = "image",
+        review: bool = False,
+        roi: RasBox | None = None,
+    ) -> Prediction:
         """Segment ``volume`` (HU); ``source`` names it in errors.
 
+        ``review``: also the confidence and entropy maps. ``roi``: segment only the voxels in
+        this box, running only the windows of the whole-image window grid that reach them;
+        inside the box every result equals the whole-image run's, bit for bit.
+
         Raises:
-            InputError: NaN/Inf or constant images, or images that need more memory than is
-                available (naming ``source``).
+            InputError: NaN/Inf or constant images, images that need more memory than is
+                available, a box holding no voxel of the image (naming ``source``).
             torch.OutOfMemoryError: only when even one window on the CPU does not fit.
         """
         check_image(volume, source)
-        self._require_memory(volume, probabilities, source)
+        self._require_memory(volume, probabilities, review, source)
+        region = None
+        if roi is not None:
+            region = roi_voxels(volume.shape, volume.affine, roi, source)
         notes: list[str] = []
         warnings = scan_warnings(volume, self.bundle.metadata, source)
         for warning in warnings:
@@ -225,25 +255,69 @@ class Segmenter:
         seconds["preprocess"] = time.perf_counter() - start
 
         start = time.perf_counter()
-        plan = plan_execution(tuple(prepared.image.shape[2:]), self.out_chans, self.window, self.device)
+        image_shape = tuple(prepared.image.shape[2:])
+        plan = plan_execution(image_shape, self.out_chans, self.window, self.device)
+        windows, rows, mask = None, None, None
+        if region is not None:
+            # The region in the reoriented input grid: an index box again (exact permutation/flip).
+            mask = region.mask(volume.shape)
+            reoriented = np.asarray(prepared.reorientation.apply(mask))
+            present = [np.flatnonzero(reoriented.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+            low, high = [int(p[0]) for p in present], [int(p[-1]) + 1 for p in present]
+            rows = range(low[0], high[0])
+            start_voxel, stop_voxel = _network_input_box(prepared, low, high)
+            windows = windows_overlapping(window_grid(image_shape, self.window), start_voxel, stop_voxel)
 
         def retried(message: str) -> None:
             notes.append(message)
             self.progress.message(message)
 
-        probs, plan = predict_probabilities(prepared.image, self.predictor, self.window, plan, self.progress, retried)
+        probs, plan = predict_probabilities(
+            prepared.image, self.predictor, self.window, plan, self.progress, retried, windows=windows
+        )
         seconds["infer"] = time.perf_counter() - start
 
         start = time.perf_counter()
         # Map back where the probabilities already are: the GPU when they were stitched there.
-        labels, kept = to_input_grid(probs, prepared, keep_probabilities=probabilities, progress=self.progress)
+        exported = to_input_grid(
+            probs, prepared, keep_probabilities=probabilities, progress=self.progress, review=review, only_rows=rows
+        )
         seconds["export"] = time.perf_counter() - start
+        if mask is not None:
+            # Rows of the box hold whole planes of results; keep only the box's voxels.
+            for array in (exported.labels, exported.confidence, exported.entropy):
+                if array is not None:
+                    array[~mask] = 0
+            if exported.probabilities is not None:
+                exported.probabilities[:, ~mask] = 0.0
         return Prediction(
-            labels=volume.with_array(labels),
-            probabilities=kept,
+            labels=volume.with_array(exported.labels),
+            probabilities=exported.probabilities,
             plan=plan,
-            windows=self.window.window_count(tuple(prepared.image.shape[2:])),
+            windows=len(windows) if windows is not None else self.window.window_count(image_shape),
+            confidence=exported.confidence,
+            entropy=exported.entropy,
+            roi=mask,
             seconds=seconds,
             notes=notes,
             warnings=warnings,
         )
+
+
+def _network_input_box(prepared: Preprocessed, low: list[int], high: list[int]) -> tuple[list[int], list[int]]:
+    """The voxels of the network input that the export reads for the reoriented input voxels
+    ``low`` .. ``high`` (exclusive): their positions on the crop, widened by the trilinear
+    neighbours, shifted by the padding and clipped to the input."""
+    corners = np.array([[i, j, k, 1.0] for i in (low[0], high[0] - 1) for j in (low[1], high[1] - 1) for k in (low[2], high[2] - 1)])
+    crop: Grid = prepared.crop_grid
+    positions = (np.linalg.inv(crop.affine) @ prepared.input_grid.affine @ corners.T)[:3]
+    shape = prepared.image.shape[2:]
+    start, stop = [], []
+    for axis in range(3):
+        first = int(np.floor(positions[axis].min())) - 1
+        last = int(np.ceil(positions[axis].max())) + 2
+        first = min(max(first, 0), prepared.crop_shape[axis]) + prepared.pad_before[axis]
+        last = min(max(last, 0), prepared.crop_shape[axis]) + prepared.pad_before[axis]
+        start.append(max(0, min(first, shape[axis])))
+        stop.append(max(0, min(last, shape[axis])))
+    return start, stop

@@ -205,6 +205,7 @@ def resample_chunks(
     mode: str = "linear",
     fill: float = 0.0,
     chunk_points: int = CHUNK_POINTS,
+    only_rows: range | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Sample ``values`` (C, I, J, K) on ``source`` at the voxel centres of ``target``.
 
@@ -212,6 +213,9 @@ def resample_chunks(
     whose first index is in ``rows``, on ``values``' device and dtype. ``mode`` is "linear"
     (trilinear) or "nearest". Target voxels farther than half a voxel outside ``source``
     get ``fill``; those within half a voxel take the nearest edge value.
+
+    ``only_rows``: yield only the chunks holding one of these first indices. The chunks are
+    those of the whole target, computed the same way, so their values are bit-identical.
     """
     matrix = np.linalg.inv(source.affine) @ target.affine  # target index -> source index
     shift = _integer_shift(matrix)
@@ -220,12 +224,18 @@ def resample_chunks(
     step = max(1, chunk_points // plane)
     for start in range(0, target.shape[0], step):
         rows = slice(start, min(start + step, target.shape[0]))
+        if only_rows is not None and not _meets(rows, only_rows):
+            continue
         if shift is not None:
             yield rows, _copy_shifted(values, shift, rows, target.shape, fill)
         elif parallel:
             yield rows, _interpolate_separably(values, matrix, rows, target.shape, fill)
         else:
             yield rows, _sample(values, matrix, rows, target.shape, mode, fill)
+
+
+def _meets(rows: slice, wanted: range) -> bool:
+    return len(wanted) > 0 and rows.start < wanted.stop and wanted.start < rows.stop
 
 
 def _parallel_axes(matrix: np.ndarray) -> bool:

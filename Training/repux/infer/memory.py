@@ -17,7 +17,13 @@ ACTIVATION_BYTES = int(1.5 * 2**30)
 
 
 def case_memory_bytes(
-    input_voxels: int, input_bytes: int, model_voxels: int, padded_voxels: int, channels: int, probabilities: bool
+    input_voxels: int,
+    input_bytes: int,
+    model_voxels: int,
+    padded_voxels: int,
+    channels: int,
+    probabilities: bool,
+    review_maps: bool = False,
 ) -> int:
     """Peak host memory (bytes) of one case, an upper bound at every stage.
 
@@ -28,6 +34,7 @@ def case_memory_bytes(
             grid raised to the patch grid).
         channels: output channels (labels) of the network.
         probabilities: whether the probabilities are kept on the input grid.
+        review_maps: whether the confidence and entropy maps (a byte each) and a region mask are kept.
 
     Counted: the input and its float32 copy, the resampled model grid (float32), the network
     input, the stitched logits plus MONAI's weight map (``channels + 1`` float32 volumes),
@@ -36,7 +43,8 @@ def case_memory_bytes(
     """
     volumes = input_bytes + 4 * input_voxels + 4 * model_voxels + 4 * padded_voxels * (channels + 2)
     kept = 2 * 4 * channels * input_voxels if probabilities else 0
-    return volumes + ACTIVATION_BYTES + 2 * input_voxels + kept
+    review = 3 * input_voxels if review_maps else 0
+    return volumes + ACTIVATION_BYTES + 2 * input_voxels + kept + review
 
 
 def available_memory_bytes() -> int | None:

@@ -8,13 +8,22 @@
   ``sliding_window_inference`` with constant (or Gaussian) blending, then softmax; a CUDA
   out-of-memory is retried with fewer windows per pass, then with stitching on the CPU,
   then on the CPU altogether, instead of failing.
+- A subset of the window grid: :func:`window_grid` lists the windows of the whole image in
+  MONAI's order, :func:`windows_overlapping` picks those touching a box, and
+  ``predict_probabilities(..., windows=...)`` runs only the batches of windows that hold one
+  of them. The grid, the batches and the blending are those of the whole-image run, so every
+  voxel that only chosen windows cover gets exactly (bit for bit) the whole-image value.
+- Test-time mirroring (``WindowPredictor(..., mirror=True)``): the logits of each window are
+  the mean over the window and its seven mirror images (flips along every combination of the
+  three axes), each flipped back, as nnU-Net does; eight forward passes per window.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,8 +93,38 @@ class SlidingWindowConfig:
 
     def window_count(self, shape: tuple[int, ...]) -> int:
         """Number of windows over an image of spatial ``shape`` (at least the patch size)."""
-        roi = tuple(min(r, s) for r, s in zip(self.patch_size, shape))
-        return len(dense_patch_slices(shape, roi, self.scan_interval(shape)))
+        return len(window_grid(shape, self))
+
+
+#: One sliding window: a slice per spatial axis of the network input.
+Window = tuple[slice, slice, slice]
+
+
+def window_grid(shape: tuple[int, ...], config: SlidingWindowConfig) -> list[Window]:
+    """The windows over an image of spatial ``shape`` in the order MONAI runs them.
+
+    Window ``n`` of this list is the ``n``-th window of ``sliding_window_inference`` on the
+    same shape and configuration: the indices that ``predict_probabilities(windows=...)`` takes.
+    """
+    roi = tuple(min(r, s) for r, s in zip(config.patch_size, shape))
+    return [tuple(w) for w in dense_patch_slices(shape, roi, config.scan_interval(shape))]  # type: ignore[misc]
+
+
+def windows_overlapping(grid: Sequence[Window], start: Sequence[int], stop: Sequence[int]) -> list[int]:
+    """Indices of the windows of ``grid`` that share a voxel with the box ``start`` .. ``stop`` (exclusive).
+
+    Every window that covers a voxel of the box is among them, so :func:`predict_probabilities`
+    run on them gives the box its whole-image values.
+    """
+    return [
+        index
+        for index, window in enumerate(grid)
+        if all(w.start < b and a < w.stop for w, a, b in zip(window, start, stop))
+    ]
+
+
+#: Axis combinations of test-time mirroring (spatial axes 2, 3, 4 of a batch): all seven non-empty ones.
+MIRROR_AXES = tuple(axes for count in (1, 2, 3) for axes in itertools.combinations((2, 3, 4), count))
 
 
 class WindowPredictor:
@@ -96,12 +135,25 @@ class WindowPredictor:
         device: where the network runs.
         fast: bf16 autocast where the device computes bf16 natively (see
             :func:`~repux.accel.native_bfloat16`; emulated bf16 is far slower).
+        mirror: test-time mirroring: the mean of the logits over the windows and their
+            mirror images along :data:`MIRROR_AXES`, flipped back (8 forward passes).
+        channels: the network's output channels when known (spares a forward pass when
+            the first batch of a window subset is skipped).
     """
 
-    def __init__(self, network: nn.Module, device: torch.device, fast: bool = False) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        device: torch.device,
+        fast: bool = False,
+        mirror: bool = False,
+        channels: int | None = None,
+    ) -> None:
         self.network = network.to(device).eval()
         self.device = device
         self.fast = fast
+        self.mirror = mirror
+        self.channels = channels
 
     @property
     def autocast(self) -> bool:
@@ -109,13 +161,20 @@ class WindowPredictor:
 
     def to(self, device: torch.device) -> "WindowPredictor":
         """The same predictor moved to ``device``."""
-        return WindowPredictor(self.network, device, self.fast)
+        return WindowPredictor(self.network, device, self.fast, self.mirror, self.channels)
+
+    def _logits(self, windows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return self.network(windows).float()
 
     def __call__(self, windows: torch.Tensor) -> torch.Tensor:
         windows = windows.to(self.device, non_blocking=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.network(windows)
-        return logits.float()
+        logits = self._logits(windows)
+        if self.mirror:
+            for axes in MIRROR_AXES:
+                logits += torch.flip(self._logits(torch.flip(windows, axes)), axes)
+            logits /= len(MIRROR_AXES) + 1
+        return logits
 
 
 @dataclass(frozen=True)
@@ -166,6 +225,7 @@ def predict_probabilities(
     plan: ExecutionPlan,
     progress: Progress | None = None,
     on_retry: Callable[[str], None] | None = None,
+    windows: Collection[int] | None = None,
 ) -> tuple[torch.Tensor, ExecutionPlan]:
     """Softmax probabilities (C, X, Y, Z) of ``image`` (1, 1, X, Y, Z) and the plan that worked.
 
@@ -173,12 +233,19 @@ def predict_probabilities(
     (in place: :func:`softmax_in_place`).
     ``progress`` gets a stage "infer" counting windows. An out-of-memory error switches to
     :meth:`ExecutionPlan.after_out_of_memory` and starts again; ``on_retry`` hears why.
+
+    ``windows``: indices into :func:`window_grid` of the windows to run (None: all). Each
+    batch of the whole-image run that holds one of them runs whole (the same batches give
+    the same logits); the other batches are skipped and add nothing. A voxel covered only by
+    windows that ran is exact; elsewhere the values are partial and meaningless.
     """
-    total = config.window_count(tuple(image.shape[2:]))
+    grid = window_grid(tuple(image.shape[2:]), config)
+    chosen = None if windows is None else _window_keys(grid, windows)
+    total = len(grid) if chosen is None else len(chosen)
     while True:
         predictor = predictor.to(plan.device)
         try:
-            logits = _run_windows(image, predictor, config, plan, progress, total)
+            logits = _run_windows(image, predictor, config, plan, progress, total, chosen)
             break
         except torch.OutOfMemoryError:
             failed = plan
@@ -212,6 +279,11 @@ def softmax_in_place(logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _window_keys(grid: Sequence[Window], windows: Collection[int]) -> set[tuple[int, ...]]:
+    """The start corners of the chosen windows: how a batch's windows are recognised."""
+    return {tuple(s.start for s in grid[index]) for index in windows}
+
+
 def _run_windows(
     image: torch.Tensor,
     predictor: WindowPredictor,
@@ -219,15 +291,24 @@ def _run_windows(
     plan: ExecutionPlan,
     progress: Progress | None,
     total: int,
+    chosen: set[tuple[int, ...]] | None = None,
 ) -> torch.Tensor:
     done, reported = 0, time.monotonic()
     if progress is not None:
         progress.stage("infer", total)
 
-    def counted(windows: torch.Tensor) -> torch.Tensor:
+    def counted(windows: torch.Tensor, where: list[list[slice]]) -> torch.Tensor:
         nonlocal done, reported
+        if chosen is not None:
+            needed = sum(tuple(s.start for s in place[2:]) in chosen for place in where)
+            if not needed:
+                # Stitched with weight, but zero logits add nothing; the count map is MONAI's own.
+                shape = (windows.shape[0], _channels(predictor, windows), *windows.shape[2:])
+                return torch.zeros(shape, device=windows.device)
+        else:
+            needed = windows.shape[0]
         logits = predictor(windows)
-        done += windows.shape[0]
+        done += needed
         if progress is not None and (done >= total or time.monotonic() - reported >= PROGRESS_INTERVAL):
             progress.update(done)
             reported = time.monotonic()
@@ -243,4 +324,12 @@ def _run_windows(
             mode=config.blend,
             sw_device=plan.device,
             device=plan.stitch_device,
+            with_coord=True,
         )
+
+
+def _channels(predictor: WindowPredictor, windows: torch.Tensor) -> int:
+    """Output channels of the predictor: as declared, else from one window."""
+    if predictor.channels is None:
+        predictor.channels = int(predictor(windows[:1]).shape[1])
+    return predictor.channels
