@@ -14,20 +14,39 @@ fit in memory, and large memory pages for big tensors:
   above -500 HU and a 10 mm margin), the bundle's overlap;
 - :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting);
 - :data:`BFLOAT16`: the reference's windows in bfloat16 (``repux segment --fast``), measured
-  only where the device computes bfloat16 natively.
+  only where the device computes bfloat16 natively;
+- :data:`CPU_BACKEND_PATHS`: the reference's windows through the same rewrite exported to ONNX
+  Runtime or OpenVINO (:mod:`repux.accel.backends`), in float32, in OpenVINO's bfloat16, and
+  with 8-bit dense convolutions calibrated on phantoms other than the benchmark CT's.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 
 from repux.bundle import Bundle
 from repux.infer import Segmenter
 from repux.large_pages import LARGE_PAGES_ENV, SMALL_PAGES_ENV
 
-__all__ = ["BFLOAT16", "DEFAULT", "FEWER_WINDOWS", "OPTIMIZED", "REFERENCE", "SegmentationPath", "build_segmenter"]
+__all__ = [
+    "BFLOAT16",
+    "CPU_BACKEND_PATHS",
+    "DEFAULT",
+    "FEWER_WINDOWS",
+    "OPTIMIZED",
+    "REFERENCE",
+    "SegmentationPath",
+    "build_segmenter",
+    "phantom_calibration_windows",
+]
+
+#: Phantom seeds whose windows calibrate 8-bit quantization (the benchmark CT is seed 0 by default).
+CALIBRATION_SEEDS = (101, 102)
+#: Calibration windows drawn from each calibration phantom.
+CALIBRATION_WINDOWS_PER_PHANTOM = 4
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,10 @@ class SegmentationPath:
             fewer on a CPU when they would not fit in memory).
         blend: "constant" or "gaussian".
         large_pages: run the worker with transparent huge pages (:mod:`repux.large_pages`).
-        fast: bfloat16 where native (``Segmenter(fast=True)``).
+        fast: bfloat16 where native (``Segmenter(fast=True)``; OpenVINO's bfloat16 on that backend).
+        backend: "torch", or a runtime of :data:`repux.accel.backends.BACKENDS` running the
+            exported rewrite (needs ``optimized``).
+        quantize: 8-bit dense convolutions on that runtime, calibrated on phantoms.
     """
 
     name: str
@@ -55,10 +77,16 @@ class SegmentationPath:
     blend: str = "constant"
     large_pages: bool = False
     fast: bool = False
+    backend: str = "torch"
+    quantize: bool = False
 
     def __post_init__(self) -> None:
         if self.crop not in ("published", "body"):
             raise ValueError(f"crop {self.crop!r}: expected 'published' or 'body'")
+        if self.backend != "torch" and not self.optimized:
+            raise ValueError(f"backend {self.backend!r}: runs the optimized network only")
+        if self.quantize and self.backend == "torch":
+            raise ValueError("quantize: needs an exported backend, not torch")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -73,6 +101,8 @@ class SegmentationPath:
 
     def describe(self) -> str:
         network = "optimize_for_inference" if self.optimized else "plain float32 network"
+        if self.backend != "torch":
+            network += f" exported to {self.backend}" + (" with int8 dense convolutions" if self.quantize else "")
         crop = "body crop with margin" if self.crop == "body" else "published foreground crop"
         pages = (", large pages" if self.large_pages else "") + (", bfloat16" if self.fast else "")
         per_pass = "windows per pass to fit memory" if self.sw_batch_size is None else f"{self.sw_batch_size} windows per pass"
@@ -96,17 +126,59 @@ FEWER_WINDOWS = SegmentationPath(
     large_pages=True,
 )
 BFLOAT16 = replace(OPTIMIZED, name="optimized, same windows, bfloat16", fast=True)
+CPU_BACKEND_PATHS = (
+    replace(OPTIMIZED, name="onnxruntime", backend="onnxruntime"),
+    replace(OPTIMIZED, name="openvino", backend="openvino"),
+    replace(OPTIMIZED, name="openvino, bfloat16", backend="openvino", fast=True),
+    replace(OPTIMIZED, name="onnxruntime, int8", backend="onnxruntime", quantize=True),
+    replace(OPTIMIZED, name="openvino, int8", backend="openvino", quantize=True),
+)
+
+
+def phantom_calibration_windows(bundle: Bundle, seeds: tuple[int, ...] = CALIBRATION_SEEDS) -> list[np.ndarray]:
+    """Network inputs for calibrating quantization: windows (1, 1, *patch) of phantoms preprocessed as the bundle says.
+
+    :data:`CALIBRATION_WINDOWS_PER_PHANTOM` windows per phantom, at random places (seeded).
+    """
+    from repux.data.phantoms import make_phantom
+    from repux.infer.preprocess import PreprocessingConfig, preprocess
+
+    config = PreprocessingConfig.from_metadata(bundle.metadata.preprocessing)
+    patch = config.patch_size
+    windows = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        image = preprocess(make_phantom(seed)[0], config).image[0].numpy()  # (1, X, Y, Z), at least the patch
+        for _ in range(CALIBRATION_WINDOWS_PER_PHANTOM):
+            starts = [int(rng.integers(0, size - p + 1)) for size, p in zip(image.shape[1:], patch)]
+            box = tuple(slice(a, a + p) for a, p in zip(starts, patch))
+            windows.append(np.ascontiguousarray(image[(slice(None), *box)][None]))
+    return windows
 
 
 def build_segmenter(bundle: Bundle, path: SegmentationPath, device: torch.device | str = "cpu") -> Segmenter:
     """A :class:`~repux.infer.Segmenter` of ``bundle`` that runs the way ``path`` says."""
+    network = None
+    if path.backend != "torch":
+        from repux.accel.backends import backend_network
+
+        network = backend_network(
+            bundle.build_network(device="cpu"),
+            path.backend,
+            tuple(int(p) for p in bundle.metadata.preprocessing["patch_size"]),
+            int(bundle.metadata.network["in_chans"]),
+            quantize=path.quantize,
+            calibration=phantom_calibration_windows(bundle) if path.quantize else None,
+            precision="bfloat16" if path.fast else "float32",
+        )
     segmenter = Segmenter(
         bundle,
         device=device,
         overlap=path.overlap,
-        fast=path.fast,
+        fast=path.fast and network is None,
         optimize=path.optimized,
         windows_per_pass=path.sw_batch_size,
+        network=network,
     )
     segmenter.window = replace(segmenter.window, blend=path.blend)
     if path.crop == "published":

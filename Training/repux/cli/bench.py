@@ -30,7 +30,7 @@ def _command(args: argparse.Namespace) -> str:
 
     from repux.bench.suite import region_text
 
-    words = ["repux", "bench"] + (["--quick"] if args.quick else [])
+    words = ["repux", "bench"] + (["--quick"] if args.quick else []) + (["--cpu-backends"] if args.cpu_backends else [])
     for model in args.model or []:
         words += ["--model", model]
     words += ["--device", args.device, "--seed", str(args.seed)]
@@ -48,6 +48,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="reduced version (half-resolution CT, a four-window region timed, dense kernels only): "
         "about 3 minutes on 2 cores",
+    )
+    parser.add_argument(
+        "--cpu-backends",
+        action="store_true",
+        help="also time and compare the optimized network on ONNX Runtime and OpenVINO (float32, OpenVINO's "
+        "bfloat16, int8 dense convolutions); needs the cpu-backends extra",
     )
     parser.add_argument(
         "--model",
@@ -124,6 +130,17 @@ def run(args: argparse.Namespace) -> int:
     changes["agreement_region"] = None if args.agreement_region == "all" else args.agreement_region
     if args.patch_reps is not None:
         changes["patch_reps"] = args.patch_reps
+    if args.cpu_backends:
+        from repux.accel.backends import BACKENDS, backend_available
+        from repux.bench.paths import CPU_BACKEND_PATHS
+
+        missing = [name for name in BACKENDS if not backend_available(name)]
+        if missing:
+            raise InputError(
+                f"--cpu-backends: {', '.join(missing)} (or onnx) not installed; pip install 'repux[cpu-backends]'"
+            )
+        changes["paths"] = settings.paths + CPU_BACKEND_PATHS
+        changes["timing_paths"] = settings.timing_paths + CPU_BACKEND_PATHS
     settings = replace(settings, **changes)
 
     command = _command(args)

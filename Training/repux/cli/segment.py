@@ -59,6 +59,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=FAST_HELP,
     )
     parser.add_argument(
+        "--backend",
+        choices=("torch", "openvino"),
+        default="torch",
+        help="CPU runtime of the optimized network: torch (default) or openvino (exported at start, ~10-40 s; "
+        "faster windows on a CPU, see the README's Speed section; needs the cpu-backends extra)",
+    )
+    parser.add_argument(
         "--plain-network",
         action="store_true",
         help="run the bundle's network as it is, without the exact speed rewrites of repux.accel",
@@ -265,6 +272,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         progress=progress,
         optimize=not args.plain_network,
         mirror=args.tta == "flips",
+        backend=args.backend,
     )
 
     rows, review_rows, written, skipped, failed = [], [], [], [], []

@@ -126,6 +126,8 @@ class Segmenter:
             their activations would not fit (:func:`~repux.infer.predict.windows_fitting_memory`).
         mirror: test-time mirroring (``--tta flips``): each window's logits averaged over
             its 8 mirror images, 8 times the network's work.
+        backend: "torch", or "openvino": the optimized network exported to OpenVINO
+            (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class Segmenter:
         optimize: bool = True,
         windows_per_pass: int | None = None,
         mirror: bool = False,
+        backend: str = "torch",
     ) -> None:
         check_overlap(overlap)
         self.bundle = bundle
@@ -157,6 +160,8 @@ class Segmenter:
         self.progress = progress if progress is not None else Progress("none")
         self.out_chans = int(metadata.network["out_chans"])
         model = network
+        if backend != "torch":
+            model = self._backend_network(backend, network, optimize, fast)
         if model is None:
             model = bundle.build_network(device="cpu")
             if optimize:
@@ -164,6 +169,32 @@ class Segmenter:
                 model = optimize_for_inference(model, self.device, InferenceOptions())
         self.predictor = WindowPredictor(model, self.device, fast, mirror=mirror, channels=self.out_chans)
         self.fast = fast
+
+    def _backend_network(self, backend: str, network: nn.Module | None, optimize: bool, fast: bool) -> nn.Module:
+        """The bundle's network exported to ``backend`` for the sliding windows' shape.
+
+        Raises:
+            InputError: a backend that is unknown, not installed, not on a CPU, or combined
+                with ``network`` or ``optimize=False``.
+        """
+        from repux.accel.backends import BACKENDS, backend_available, backend_network
+
+        if backend not in BACKENDS:
+            raise InputError(f"--backend {backend}: expected torch or one of {', '.join(BACKENDS)}")
+        if self.device.type != "cpu":
+            raise InputError(f"--backend {backend}: runs on the CPU only; use --device cpu or --backend torch")
+        if network is not None or not optimize:
+            raise InputError(f"--backend {backend}: runs the bundle's optimized network (not with --plain-network)")
+        if not backend_available(backend):
+            raise InputError(f"--backend {backend}: not installed; pip install 'repux[cpu-backends]'")
+        metadata = self.bundle.metadata
+        return backend_network(
+            self.bundle.build_network(device="cpu"),
+            backend,
+            self.window.patch_size,
+            int(metadata.network["in_chans"]),
+            precision="bfloat16" if fast and backend == "openvino" and native_bfloat16("cpu") else "float32",
+        )
 
     def _require_memory(self, volume: Volume, probabilities: bool, review: bool, source: str) -> None:
         """Refuse a case whose volumes cannot fit in memory, before allocating any of them."""
