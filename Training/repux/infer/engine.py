@@ -33,7 +33,7 @@ from repux.infer.predict import (
 )
 from repux.infer.memory import case_memory_bytes, require_memory
 from repux.infer.preprocess import Preprocessed, PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
-from repux.infer.roi import RasBox, RoiVoxels, roi_voxels
+from repux.infer.roi import RasBox, roi_voxels
 from repux.infer.scan_check import scan_warnings
 from repux.options import DEVICE_CHOICES, check_overlap
 from repux.progress import Progress
