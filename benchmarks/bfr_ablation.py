@@ -436,6 +436,10 @@ def _cell(stats: dict[str, Any], digits: int = 3) -> str:
     return text + (f" ± {stats['sd']:.{digits}f}" if stats["sd"] is not None else "")
 
 
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def _value(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -448,6 +452,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# BFR ablation: BFR-AdamW vs AdamW vs frozen kernels (the published behaviour), and the prior's alpha",
         "",
         f"**{finished} of {len(runs)} runs finished ({state})**, report written {report['written']}.",
+        *[f"Unfinished: {r['name']} at iteration {r['iterations']} (resumes on the next start)." for r in runs
+          if r["status"] == "unfinished"],
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores (shared with other work), "
         f"torch {report['machine']['torch']} with {report['machine']['torch_threads']} threads.",
@@ -482,7 +488,7 @@ def markdown(report: dict[str, Any]) -> str:
         cells += [_cell(group["test"][o]) for o in ORGANS]
         cells += [f"**{_cell(group['test_mean'])}**", _cell(group["validation_mean"]), _cell(group["iterations"], 0)]
         cells += [_cell(group["train_seconds"], 0)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     lines += ["", "Paired differences of the test organ-mean Dice (same seed: same split, start and patches):", ""]
     for name, stats in summary["paired_differences"].items():
         spread = f" (min {stats['min']:+.3f}, max {stats['max']:+.3f})" if stats["n"] else ""
@@ -502,12 +508,12 @@ def markdown(report: dict[str, Any]) -> str:
     for group in summary["groups"].values():
         hf = group["high_frequency_share"]
         cells = [group["arm"], f"{group['alpha']:g}", _cell(hf["learned"]), _cell(hf["change"]), _cell(hf["start"])]
-        lines.append("| " + " | ".join(cells + [_cell(group["relative_change"], 2)]) + " |")
+        lines.append(_row(cells + [_cell(group["relative_change"], 2)]))
     lines += [
         "",
-        "![learning curves](bfr_ablation_curves.png)",
+        f"![learning curves]({report['figures']['curves']})",
         "",
-        "![kernel spectra](bfr_ablation_spectra.png)",
+        f"![kernel spectra]({report['figures']['spectra']})",
         "",
         "## Every run",
         "",
@@ -520,10 +526,15 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [r["name"], r["status"], iterations, str(r["best_iteration"] or "-"), _value((r["validation"] or {}).get("mean"))]
         cells += [_value(test["per_organ"].get(o)) for o in ORGANS] + [_value(test["mean"])]
         cells += [f"{r['train_seconds']:.0f}", _value(r["eval_seconds"], 0), str(len(r["sessions"]))]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     lines += ["", "Each run's `repux train` command (the harness adds `--force` to continue a run whose bundle exists):", ""]
     lines += [f"    {r['command']}" for r in runs]
     return "\n".join(lines) + "\n"
+
+
+def figure_names(out: Path) -> dict[str, str]:
+    """File names of the learning curves and kernel spectra PNGs, beside the report ``out``."""
+    return {"curves": out.name + "_curves.png", "spectra": out.name + "_spectra.png"}
 
 
 def plot(report: dict[str, Any], out: Path) -> list[Path]:
@@ -535,7 +546,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
 
     groups = list(report["summary"]["groups"])
     colours = {g: plt.get_cmap("tab10")(i) for i, g in enumerate(groups)}
-    paths = [out.with_name(out.name + "_curves.png"), out.with_name(out.name + "_spectra.png")]
+    paths = [out.with_name(name) for name in figure_names(out).values()]
 
     figure, (dice_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in report["runs"]:
@@ -550,8 +561,7 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
     dice_axes.set(xlabel="iteration", ylabel="validation Dice (organ mean)", title="validation (one line per seed)")
     loss_axes.set(xlabel="iteration", ylabel="training loss (DiceCE, block means)", title="training loss")
     for axes in (dice_axes, loss_axes):
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        _finish(axes)
     figure.tight_layout()
     figure.savefig(paths[0], dpi=100)
     plt.close(figure)
@@ -574,12 +584,17 @@ def plot(report: dict[str, Any], out: Path) -> list[Path]:
         axes.axhline(1.0, color="black", linewidth=0.5)
         axes.set(xlabel="radial frequency |f| (cycles/voxel)", ylabel="normalised power (all-pass = 1)", title=title)
         axes.set_yscale("log")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=8)
+        _finish(axes)
     figure.tight_layout()
     figure.savefig(paths[1], dpi=100)
     plt.close(figure)
     return paths
+
+
+def _finish(axes) -> None:
+    axes.grid(alpha=0.3)
+    if axes.get_legend_handles_labels()[0]:  # nothing to label before the first run has data
+        axes.legend(fontsize=8)
 
 
 def write_report(work: Workdir, out: Path) -> dict[str, Any]:
@@ -590,6 +605,7 @@ def write_report(work: Workdir, out: Path) -> dict[str, Any]:
         "workdir": str(work.root),
         "invocations": _read_json(work.root / "invocations.json") or [],
         "machine": machine(),
+        "figures": figure_names(out),
         "summary": summarise(runs),
         "runs": runs,
     }
