@@ -644,6 +644,11 @@ def _write_text(text: str, path: Path) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    """SIGTERM stops the harness like Ctrl-C: the running ``repux train`` is told to checkpoint."""
+    raise KeyboardInterrupt
+
+
 def _deadline(text: str | None) -> float | None:
     """The next time of day HH:MM (UTC) as a Unix time."""
     if text is None:
@@ -681,7 +686,7 @@ def main() -> None:
         invocations = _read_json(work.root / "invocations.json") or []
         _write_json(invocations + [shlex.join(["python", "benchmarks/bfr_ablation.py", *sys.argv[1:]])],
                     work.root / "invocations.json")  # fmt: skip
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _interrupt)
         deadline = _deadline(args.stop_at)
         work.make_data()
         try:
