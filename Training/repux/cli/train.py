@@ -40,6 +40,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--iterations", type=int, default=60000, metavar="N", help="training iterations (default 60000)")
     parser.add_argument("--val-every", type=int, default=500, metavar="N", help="validate every N iterations (default 500)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="stop early when the validation Dice (organ mean) has not improved for N iterations (default: never)",
+    )
     split = parser.add_argument_group("validation split (cases shuffled by --seed)")
     split.add_argument(
         "--val-fraction", type=float, default=0.2, metavar="F", help="hold out this fraction of the cases (default 0.2; 0: none)"
@@ -122,6 +128,7 @@ def _run(args: argparse.Namespace, progress) -> int:
         labels=args.labels,
         iterations=args.iterations,
         val_every=args.val_every,
+        patience=args.patience,
         val_fraction=args.val_fraction,
         folds=args.folds,
         fold=args.fold,

@@ -47,6 +47,7 @@ class TrainConfig:
     labels: str | None = None  # a label preset name or a labels JSON file
     iterations: int = 60000
     val_every: int = 500
+    patience: int | None = None  # stop after this many iterations without a better validation; None: never
     val_fraction: float = 0.2
     folds: int | None = None
     fold: int | None = None
@@ -104,6 +105,8 @@ class TrainConfig:
         for option, value in positive_ints.items():
             if value < 1:
                 raise InputError(f"{option} {value}; expected a whole number of at least 1")
+        if self.patience is not None and self.patience < 1:
+            raise InputError(f"--patience {self.patience}; expected a whole number of at least 1 (iterations)")
         for option, value in {"--lr": self.lr, "--cache-mb": self.cache_mb}.items():
             if not value > 0:
                 raise InputError(f"{option} {value}; expected a number above 0")

@@ -96,6 +96,8 @@ class TrainResult:
         validation: the exported network's validation record (None without validation cases).
         history: one record per validation: iteration, loss, mean (organs), mean_with_background,
             per_label (name -> Dice).
+        stopped_early: training ended before ``iterations`` because the validation Dice had
+            not improved for ``patience`` iterations.
     """
 
     bundle: Path
@@ -103,6 +105,7 @@ class TrainResult:
     best_iteration: int
     validation: dict[str, Any] | None
     history: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
 
 
 def train(config: TrainConfig, progress: Progress | None = None) -> TrainResult:
@@ -300,6 +303,13 @@ class _Run:
         due = self.iteration % self.config.val_every == 0 or self.iteration == self.config.iterations
         return bool(self.val_cases) and self.iteration > 0 and due
 
+    def _patience_ran_out(self) -> bool:
+        """True when the last validation came ``patience`` or more iterations after the best one."""
+        patience = self.config.patience
+        if patience is None or not self.history:
+            return False
+        return self.history[-1]["iteration"] - self.best_iteration >= patience
+
     def _loop(self) -> None:
         config = self.config
         total = config.iterations
@@ -309,7 +319,8 @@ class _Run:
             # Resumed from a checkpoint written while this validation was running (a cancel).
             average_buffers(self.context, self.network)
             self._validate(self.last_loss)
-        if self.iteration >= total:
+        # A resumed run that had already stopped early stays stopped (unless --patience was raised).
+        if self.iteration >= total or self._patience_ran_out():
             return
         started, started_at = time.monotonic(), self.iteration
         last_mean = self.history[-1]["mean"] if self.history else None
@@ -328,13 +339,22 @@ class _Run:
                         average_buffers(self.context, self.network)
                     if validating:
                         last_mean = self._validate(loss)
-                    if saving:
+                    stopping = validating and self._patience_ran_out()
+                    if saving or stopping:
                         self._save_checkpoint()
                     rate = (time.monotonic() - started) / (self.iteration - started_at)
                     fields: dict[str, Any] = {"iteration": self.iteration, "loss": loss, "dice": last_mean}
                     if self.progress.mode == "jsonl":
                         fields["eta"] = rate * (total - self.iteration)
                     self.progress.update(self.iteration, **fields)
+                    if stopping:
+                        self.progress.message(
+                            f"no better validation Dice for {config.patience} iterations (best at "
+                            f"{self.best_iteration}); stopping at iteration {self.iteration}",
+                            iteration=self.iteration,
+                            stopped_early=True,
+                        )
+                        break
             finally:
                 upcoming.cancel()
 
@@ -452,7 +472,17 @@ class _Run:
             best_iteration=exported_iteration,
             dice=self.best_validation["mean"] if self.best_validation else None,
         )
-        return TrainResult(config.output, self.iteration, exported_iteration, self.best_validation, list(self.history))
+        return TrainResult(
+            config.output,
+            self.iteration,
+            exported_iteration,
+            self.best_validation,
+            list(self.history),
+            stopped_early=self._stopped_early(),
+        )
+
+    def _stopped_early(self) -> bool:
+        return self.iteration < self.config.iterations and self._patience_ran_out()
 
     def _metadata(self, exported_iteration: int) -> BundleMetadata:
         config = self.config
@@ -482,6 +512,8 @@ class _Run:
             },
             "iterations": self.iteration,
             "exported_iteration": exported_iteration,
+            "patience": config.patience,
+            "stopped_early": self._stopped_early(),
             "selection": SELECTION if self.best_validation else "the last iteration (no validation cases)",
             "command": shlex.join(config.command) if config.command else "",
             "seed": config.seed,

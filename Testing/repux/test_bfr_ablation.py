@@ -1,0 +1,79 @@
+"""benchmarks/bfr_ablation.py --quick end to end: real ``repux train`` runs on tiny phantoms,
+a report that is well-formed, and a second start that skips finished runs and resumes an
+unfinished one from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bfr_ablation.py"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+RUNS = ["bfr-adamw-a1-s0", "adamw-a1-s0", "frozen-kernels-a1-s0", "bfr-adamw-a4-s0"]
+
+
+def harness(*args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def sessions(work: Path, run: str) -> list[dict]:
+    return json.loads((work / "runs" / run / "run.json").read_text())["sessions"]
+
+
+def test_quick_ablation_reports_and_resumes(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "report" / "ablation"
+    harness("--quick", "--workdir", str(work), "--out", str(out))
+
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["name"] for r in report["runs"]] == RUNS
+    assert all(r["status"] == "finished" and r["iterations"] == 4 for r in report["runs"])
+    for run in report["runs"]:
+        assert set(run["test"]["cases"]) == {"phantom_000", "phantom_001"}  # the two test phantoms
+        assert all(0 <= d <= 1 for d in run["test"]["per_organ"].values() if d is not None)
+        assert [i for i, _ in run["curves"]["validation"]] == [2, 4]
+        assert run["train_seconds"] > 0 and run["eval_seconds"] > 0
+        learned = run["kernels"]["learned"]
+        assert len(learned["radial_power"]) == len(run["kernels"]["frequencies"]) == 24
+        assert 0 < learned["high_frequency_share"] < 1
+    # The mechanism: BFR scales each tap's AdamW step by m <= 1, so it moves the kernels less
+    # than plain AdamW; the frozen arm's kernels only decay (V0 m^n), almost all the way.
+    change = {r["name"]: r["kernels"]["relative_change"] for r in report["runs"]}
+    assert 0 < change["bfr-adamw-a1-s0"] < change["adamw-a1-s0"] and change["frozen-kernels-a1-s0"] > 0.5
+    groups = report["summary"]["groups"]
+    assert set(groups) == {"bfr-adamw a1", "adamw a1", "frozen-kernels a1", "bfr-adamw a4"}
+    assert all(g["finished"] == g["planned"] == 1 for g in groups.values())
+    assert report["machine"]["cores"] == os.cpu_count()
+    train_seeds = json.loads((work / "data" / "trainval" / "dataset.json").read_text())["generator"]["case_seeds"]
+    test_seeds = json.loads((work / "data" / "test" / "dataset.json").read_text())["generator"]["case_seeds"]
+    assert not set(train_seeds) & set(test_seeds)
+
+    text = out.with_suffix(".md").read_text()
+    assert "**4 of 4 runs finished (complete)**" in text and "| bfr-adamw | 4 | 1/1 |" in text
+    for suffix in ("_curves.png", "_spectra.png"):
+        with Image.open(out.with_name(out.name + suffix)) as image:
+            assert image.format == "PNG" and image.width > 600
+
+    # An unfinished run (its checkpoint but no bundle, as after a kill during export) is resumed;
+    # the finished ones are skipped: no new session, their scores untouched.
+    shutil.rmtree(work / "runs" / "adamw-a1-s0" / "bundle")
+    scored = (work / "runs" / "bfr-adamw-a1-s0" / "evaluation.json").stat().st_mtime_ns
+    harness("--quick", "--workdir", str(work), "--out", str(out))
+    assert [len(sessions(work, run)) for run in RUNS] == [1, 2, 1, 1]
+    assert (work / "runs" / "bfr-adamw-a1-s0" / "evaluation.json").stat().st_mtime_ns == scored
+    log = (work / "runs" / "adamw-a1-s0" / "train.jsonl").read_text()
+    assert "at iteration 4" in log and sessions(work, "adamw-a1-s0")[1]["from_iteration"] == 4
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["runs"][1]["status"] == "finished" and len(again["invocations"]) == 2
+
+    # The experiment's fixed settings cannot change under the same work dir.
+    refused = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(work)], capture_output=True, text=True, env=ENV)
+    assert refused.returncode != 0 and "other trainval" in refused.stderr
