@@ -1185,7 +1185,7 @@ class RepUXSegmentTest(ScriptedLoadableModuleTest):
 
         # A phantom made by the repux program (in its own process, like every model job).
         RepuxJob(["make-phantoms", "1", str(work / "phantoms")], python=python_executable()).wait()
-        case = json.loads((work / "phantoms" / "dataset.json").read_text())["training"][0]
+        case = json.loads((work / "phantoms" / "dataset.json").read_text(encoding="utf-8"))["training"][0]
         volume = slicer.util.loadVolume(str(work / "phantoms" / case["image"]))
         truth = slicer.util.loadLabelVolume(str(work / "phantoms" / case["label"]))
         self.delayDisplay("Phantom loaded")

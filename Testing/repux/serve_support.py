@@ -85,7 +85,7 @@ def start_server(
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"repux serve exited with code {process.returncode}:\n{log.read_text()}")
+            raise RuntimeError(f"repux serve exited with code {process.returncode}:\n{log.read_text(encoding='utf-8', errors='replace')}")
         try:
             if token_file.exists():
                 ServerClient(server.url, "none", cafile=cafile).health()
@@ -94,7 +94,7 @@ def start_server(
             pass
         time.sleep(0.2)
     server.kill()
-    raise RuntimeError(f"repux serve did not answer within {START_TIMEOUT_S} s:\n{log.read_text()}")
+    raise RuntimeError(f"repux serve did not answer within {START_TIMEOUT_S} s:\n{log.read_text(encoding='utf-8', errors='replace')}")
 
 
 def job_processes(work_dir: Path) -> list[int]:

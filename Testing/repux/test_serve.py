@@ -304,7 +304,7 @@ def test_server_killed_mid_job_then_restarted(tmp_path, tiny):
             api.download(queued["id"], tmp_path / "again.nii.gz")
         assert gone.value.status == 404  # deleted once downloaded
         server.stop()  # Ctrl-C: the normal way to stop it
-        assert server.process.returncode == 0 and "repux serve: stopped" in server.log.read_text()
+        assert server.process.returncode == 0 and "repux serve: stopped" in server.log.read_text(encoding="utf-8")
     finally:
         server.stop()
 
@@ -357,7 +357,7 @@ def test_https_default_models_time_limit_and_retention(tmp_path, tiny):
     try:
         assert server.url.startswith("https://")
         assert server.client().info()["models"] == ["demo", "tiny"]
-        assert "not serving" in server.log.read_text() and "broken" in server.log.read_text()
+        assert "not serving" in server.log.read_text(encoding="utf-8") and "broken" in server.log.read_text(encoding="utf-8")
         with pytest.raises(ServerError, match="CERTIFICATE_VERIFY_FAILED"):
             ServerClient(server.url, server.token).info()  # the system's CAs do not know it
         with pytest.raises(ServerError):

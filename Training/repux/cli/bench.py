@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     markdown = render_markdown(results)
     if args.output:
         with atomic_path(args.output, overwrite=True) as temporary:
-            Path(temporary).write_text(markdown)
+            Path(temporary).write_text(markdown, encoding="utf-8")
     if args.json:
         write_json(results, args.json)
     print(markdown if not args.output else f"report written to {args.output}")
