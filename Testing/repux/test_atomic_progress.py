@@ -60,6 +60,48 @@ def test_killed_writer_leaves_no_partial_file(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("stem", ["c" * 240, "\u00e9" * 122, "\u6c34" * 81], ids=["ascii-240", "2-byte-244", "3-byte-243"])
+def test_a_name_that_fits_is_written_atomically_however_long(tmp_path: Path, stem: str) -> None:
+    target = tmp_path / f"{stem}.seg.nrrd"  # within the 255-byte limit; its temporary needs ~25 more
+    assert len(target.name.encode("utf-8")) <= 255
+    with atomic_path(target) as tmp:
+        assert len(tmp.name.encode("utf-8")) <= 255 and tmp.name.endswith(".seg.nrrd")
+        tmp.write_bytes(b"labels")
+    assert target.read_bytes() == b"labels"
+    assert os.listdir(tmp_path) == [target.name]
+
+
+def test_a_long_names_stale_temporary_is_removed_and_no_other(tmp_path: Path) -> None:
+    """A killed writer's temporary of a long name is found again by the next write of that name only."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    first, second = tmp_path / ("a" * 240 + "1.nrrd"), tmp_path / ("a" * 240 + "2.nrrd")
+    stale = []
+    for target in (first, second):
+        with atomic_path(target) as tmp:  # a name of exactly the form a writer would use
+            name = tmp.name.replace(f".tmp-{os.getpid()}-", f".tmp-{dead.pid}-")
+            tmp.write_bytes(b"first version")
+        (tmp_path / name).write_bytes(b"half")
+        os.utime(tmp_path / name, (0, 0))  # old enough to be stale
+        stale.append(tmp_path / name)
+    assert stale[0].name[:200] == stale[1].name[:200]  # the shortened stems share their prefix
+    with atomic_path(first, overwrite=True) as tmp:
+        tmp.write_bytes(b"done")
+    assert not stale[0].exists() and stale[1].exists()
+
+
+def test_non_finite_numbers_become_null_so_every_record_parses() -> None:
+    import numpy as np
+    import torch
+
+    stream = io.StringIO()
+    progress = Progress("jsonl", stream=stream)
+    progress.stage("train", total=2)
+    progress.update(1, loss=float("nan"), dice=np.float32("inf"), grad=torch.tensor(float("-inf")), parts=[1.0, float("nan")])
+    record = json.loads(stream.getvalue().splitlines()[-1], parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert record["loss"] is None and record["dice"] is None and record["grad"] is None and record["parts"] == [1.0, None]
+
+
 def test_write_json_round_trip(tmp_path: Path) -> None:
     write_json({"a": [1, 2]}, tmp_path / "x.json")
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": [1, 2]}

@@ -4,13 +4,15 @@ Everything is written under a temporary name in the destination's own folder (sa
 system, so the final ``os.replace`` is atomic) and renamed only when complete. An error,
 Ctrl-C or SIGTERM in between leaves the temporary removed and the destination untouched.
 
-Temporary names are ``.STEM.tmp-PID-XXXXXXXX.ENDING`` (PID: the writing process). A run
+Temporary names are ``.STEM.tmp-PID-XXXXXXXX.ENDING`` (PID: the writing process; a STEM too
+long for the file system's 255-byte names is shortened, see :func:`_temp_stem`). A run
 killed outright (``kill -9``, a power cut) cannot remove its temporary; the next write of
 the same destination removes it once its process is gone (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -34,9 +36,27 @@ def _split_name(name: str) -> tuple[str, str]:
     return stem, dot + rest
 
 
+#: The longest file name (bytes) that common file systems take (ext4, XFS, APFS; NTFS: 255 UTF-16 units).
+NAME_MAX = 255
+#: What a temporary adds to the stem: the dot, ".tmp-", a PID of up to 10 digits, "-", 8 hex digits.
+_TEMP_EXTRA = len(".") + len(".tmp-") + 10 + len("-") + 8
+
+
+def _temp_stem(stem: str, ending: str) -> str:
+    """``stem``, or when its temporary's name would exceed :data:`NAME_MAX`, a prefix of it plus a
+    hash of the whole (so a destination whose own name fits can always be written atomically,
+    and two long names never share their temporaries)."""
+    budget = NAME_MAX - _TEMP_EXTRA - len(ending.encode("utf-8"))
+    if len(stem.encode("utf-8")) <= budget:
+        return stem
+    digest = hashlib.sha256(stem.encode("utf-8")).hexdigest()[:12]
+    prefix = stem.encode("utf-8")[: max(budget - len(digest) - 1, 0)].decode("utf-8", "ignore")
+    return f"{prefix}~{digest}"
+
+
 def _temp_sibling(path: Path) -> Path:
     stem, ending = _split_name(path.name)
-    return path.with_name(f".{stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ending}")
+    return path.with_name(f".{_temp_stem(stem, ending)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ending}")
 
 
 def _process_alive(pid: int) -> bool:
@@ -70,7 +90,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """
     path = Path(path)
     stem, ending = _split_name(path.name)
-    pattern = re.compile(rf"\.{re.escape(stem)}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(ending)}")
+    pattern = re.compile(rf"\.{re.escape(_temp_stem(stem, ending))}\.tmp-(\d+)-[0-9a-f]{{8}}{re.escape(ending)}")
     removed = []
     try:
         siblings = list(path.parent.iterdir())

@@ -46,7 +46,7 @@ class Progress:
         return self._stream if self._stream is not None else sys.stdout
 
     def _emit(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, default=_json_default) + "\n")
+        self.stream.write(json.dumps(_json_safe(record), default=_json_default, allow_nan=False) + "\n")
         self.stream.flush()
 
     def stage(self, name: str, total: int | None = None, done: int = 0) -> None:
@@ -143,11 +143,21 @@ def _short(value: Any) -> Any:
     return f"{value:.4g}" if isinstance(value, float) else value
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite number (NaN, inf; also numpy/torch scalars) as None: JSON has
+    no NaN, and a reader such as the Slicer module must be able to parse every record."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy and torch scalars
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
     return str(value)
 
 
