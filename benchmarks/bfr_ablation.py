@@ -127,6 +127,10 @@ class Workdir:
     def test(self) -> Path:
         return self.root / "data" / "test"
 
+    def portable(self, text: str) -> str:
+        """``text`` with this work dir written ``WORKDIR``: a report names no folder of one machine."""
+        return text.replace(str(self.root), "WORKDIR")
+
     def run_dir(self, spec: RunSpec) -> Path:
         return self.root / "runs" / spec.name
 
@@ -365,7 +369,7 @@ def collect(work: Workdir, spec: RunSpec) -> dict[str, Any]:
         "train_seconds": round(sum(s["seconds"] for s in info["sessions"]), 1),
         "sessions": info["sessions"],
         "eval_seconds": evaluation["seconds"] if evaluation else None,
-        "command": info.get("command") or shlex.join(train_command(work, spec, force=False)),
+        "command": work.portable(info.get("command") or shlex.join(train_command(work, spec, force=False))),
         "curves": curves(records),
     }
 
@@ -602,8 +606,8 @@ def write_report(work: Workdir, out: Path) -> dict[str, Any]:
     report = {
         "written": _now(),
         "protocol": dataclasses.asdict(work.protocol),
-        "workdir": str(work.root),
-        "invocations": _read_json(work.root / "invocations.json") or [],
+        "workdir": "WORKDIR: the --workdir of the invocations (default ./bfr-ablation)",
+        "invocations": [work.portable(c) for c in _read_json(work.root / "invocations.json") or []],
         "machine": machine(),
         "figures": figure_names(out),
         "summary": summarise(runs),

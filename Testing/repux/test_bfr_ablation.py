@@ -73,6 +73,8 @@ def test_quick_ablation_reports_and_resumes(tmp_path):
     assert "at iteration 4" in log and sessions(work, "adamw-a1-s0")[1]["from_iteration"] == 4
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["runs"][1]["status"] == "finished" and len(again["invocations"]) == 2
+    for report in (out.with_suffix(".json"), out.with_suffix(".md")):  # no folder of this machine in what is committed
+        assert str(work) not in report.read_text(encoding="utf-8") and "WORKDIR" in report.read_text(encoding="utf-8")
 
     # The experiment's fixed settings cannot change under the same work dir.
     refused = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(work)], capture_output=True, text=True, env=ENV)
