@@ -11,7 +11,8 @@
 #
 # which writes .whl/requirements.txt (benchmarks/device_requirements.py: repux's run-time
 # dependencies and pytest with all of theirs, at this venv's versions, less torch and its
-# CUDA libraries) and downloads their wheels for CPython 3.12 on manylinux x86_64 into .whl/
+# CUDA libraries and less what the lent H200's image holds; add --bare after --fetch for a
+# machine without them) and downloads their wheels for CPython 3.12 on manylinux x86_64 into .whl/
 # (ignored by git; carry it to the device with the working tree):
 #
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -36,14 +37,16 @@ PY=python3
 OUT="$ROOT/benchmarks/RESULTS-gpu.md"
 MODE=gpu
 INSTALL=1
+BARE=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --fetch) MODE=fetch ;;
+        --bare) BARE=(--bare) ;;
         --shrunk) MODE=shrunk; INSTALL=0 ;;
         --no-install) INSTALL=0 ;;
         --out) OUT="$2"; shift ;;
         --python) PY="$2"; shift ;;
-        *) echo "device_check.sh: unknown option $1 (expected --fetch, --shrunk, --no-install, --out FILE, --python PY)" >&2; exit 2 ;;
+        *) echo "device_check.sh: unknown option $1 (expected --fetch [--bare], --shrunk, --no-install, --out FILE, --python PY)" >&2; exit 2 ;;
     esac
     shift
 done
@@ -52,7 +55,7 @@ log() { echo "[device_check $(date -u +%H:%M:%S)] $*" >&2; }
 
 if [ "$MODE" = fetch ]; then
     mkdir -p "$WHEELS"
-    "$PY" "$ROOT/benchmarks/device_requirements.py" > "$WHEELS/requirements.txt"
+    "$PY" "$ROOT/benchmarks/device_requirements.py" "${BARE[@]}" > "$WHEELS/requirements.txt"
     "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
