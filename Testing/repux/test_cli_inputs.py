@@ -172,19 +172,42 @@ def test_case_that_cannot_fit_in_memory_is_refused_with_the_figure(bundle, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_unexpected_error_in_one_case_of_a_batch_does_not_stop_the_others(bundle, tmp_path, capsys):
-    """A name the file system accepts for the input but not for the output's temporary file."""
+def test_an_output_name_too_long_for_the_file_system_is_refused_before_any_work(bundle, tmp_path, capsys):
+    """249 + len(".nrrd") bytes fit the 255-byte limit for the input; 249 + len(".nii.gz") do not for its output."""
+    image, _ = make_phantom(7, shape=(41, 37, 23), spacing=(6.0, 6.0, 8.0))
+    inputs, outputs = tmp_path / "cases", tmp_path / "labels"
+    write_volume(image, inputs / "a.nii.gz")
+    write_volume(image, inputs / ("x" * 249 + ".nrrd"))
+    code = segment(inputs, "-o", outputs, "--model", bundle, "--progress", "none")
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error, error
+    assert "x" * 249 + ".nii.gz: a name of 256 bytes" in error and "at most 255" in error, error
+    assert not outputs.exists()
+
+
+def test_unexpected_error_in_one_case_of_a_batch_does_not_stop_the_others(bundle, tmp_path, capsys, monkeypatch):
+    """The disk fills up while one case's labels are written: that case fails, the others are done."""
+    import errno
+
+    from repux.infer import writers
+
     image, _ = make_phantom(7, shape=(41, 37, 23), spacing=(6.0, 6.0, 8.0))
     inputs = tmp_path / "cases"
-    long_name = "x" * 245
-    for name in ("a", "long", "z"):
+    for name in ("a", "full", "z"):
         write_volume(image, inputs / f"{name}.nii.gz")
-    (inputs / "long.nii.gz").rename(inputs / f"{long_name}.nii.gz")
+    real_write = writers.write_label_map
+
+    def write_or_fill_the_disk(labels, path, *args, **kwargs):
+        if Path(path).name == "full.nii.gz":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(labels, path, *args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_label_map", write_or_fill_the_disk)
     outputs = tmp_path / "labels"
     code = segment(inputs, "-o", outputs, "--model", bundle, "--progress", "none")
     error = capsys.readouterr().err
     assert code == 2 and "Traceback" not in error, error
-    assert "1 of 3 case(s) failed" in error and long_name in error, error
+    assert "1 of 3 case(s) failed" in error and "full.nii.gz: OSError" in error and "No space left" in error, error
     assert sorted(p.name for p in outputs.iterdir()) == ["a.nii.gz", "z.nii.gz"]
 
 

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from repux.atomic import NAME_MAX
 from repux.errors import InputError
 
 
@@ -53,13 +54,19 @@ def refuse_outputs_over_inputs(outputs: Mapping[str, Path], inputs: Iterable[Pat
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> None:
-    """Refuse an output file that cannot be created: a folder in its place, a file where a
-    folder of its path should be, or a folder without write permission.
+    """Refuse an output file that cannot be created: a name too long for the file system, a folder
+    in its place, a file where a folder of its path should be, or a folder without write permission.
 
     Raises:
         InputError: naming the path, the obstacle and what was expected.
     """
     path = Path(path)
+    size = len(os.fsencode(path.name))
+    if size > NAME_MAX:
+        raise InputError(
+            f"{path}: a name of {size} bytes cannot be created (file systems take at most {NAME_MAX}); "
+            f"expected a shorter name for the {what} (rename the input, or name the output with -o)"
+        )
     if path.is_dir():
         raise InputError(f"{path}: is a folder; expected a file name for the {what}")
     parent = path.parent
