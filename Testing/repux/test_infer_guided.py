@@ -3,6 +3,7 @@ back to the full grid, and the windows run are the ones the design says."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 
@@ -148,3 +149,23 @@ def test_segment_default_reports_guided_windows_and_agrees_with_all_windows(bund
     assert infer[-1]["done"] == infer[-1]["total"] == guided.windows
     np.testing.assert_array_equal(guided.labels.array, every.labels.array)
     assert (guided.labels.array > 0).any() and AIR < 0
+
+
+def test_segment_command_windows_option(tmp_path, capsys):
+    from repux.cli import main
+    from repux.cli.segment import configure
+    from repux.imageio import write_volume
+
+    # The bundle's own tiny RepUX-Net needs 32^3 windows (its encoder halves 5 times).
+    bundle = save_tiny_bundle(tmp_path / "tiny32", spacing=SPACING, patch=(32, 32, 32), overlap=0.5)
+    ct = write_volume(_tall_phantom(), tmp_path / "ct.nii.gz")
+    base = ["segment", str(ct), "--model", str(bundle), "--device", "cpu", "--progress", "jsonl"]
+    for mode, guided in (("organs", True), ("all", False)):
+        assert main([*base, "-o", str(tmp_path / f"{mode}.nii.gz"), "--windows", mode]) == 0
+        records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert any("organ-guided windows" in r.get("message", "") for r in records) == guided
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    assert parser.parse_args([str(ct), "-o", "x.nii.gz"]).windows == "organs"  # the default
+    with pytest.raises(SystemExit):
+        main([*base, "-o", str(tmp_path / "bad.nii.gz"), "--windows", "some"])
