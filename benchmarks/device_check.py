@@ -6,7 +6,8 @@ On one CUDA GPU (the default): the benchmark CT (512 x 512 x 200 voxels of 0.8 x
 segmented whole, each path in its own process (``repux.bench``): the reference (plain
 float32 network, published crop, 4 windows per pass, overlap 0.5), the exact rewrite with
 the same windows, and the same in bfloat16, with random dense kernels at the paper's width;
-then the same paths on the demo model for agreement (per-label Dice against the reference);
+then the same paths and ``repux segment``'s own (organ-guided windows, box export) on the
+demo model for agreement (per-label Dice against the reference);
 then a few training iterations (forward, backward, optimizer step, bf16 autocast as the
 trainer does on CUDA) of the paper-width network on a 2 x 96^3 batch with BFR-AdamW and with
 AdamW, in turn. ``--shrunk`` runs the same steps on the CPU at a size that takes about a
@@ -33,18 +34,19 @@ from pathlib import Path
 import torch
 
 from repux.atomic import atomic_path
-from repux.bench.paths import OPTIMIZED, REFERENCE
+from repux.bench.paths import DEFAULT, OPTIMIZED, REFERENCE
 from repux.bench.report import render_markdown
 from repux.bench.suite import FULL, run_benchmark, summary_line
 
 #: Steps of ``repux segment`` that stay on the host when the device is a GPU (as the code is
-#: today; predict.py and export.py decide the last three).
+#: today; predict.py, guided.py and export.py decide the last two).
 HOST_STEPS = (
     "reading and writing the files (ITK)",
     "the exact axis reorientation of the input (a numpy transpose/flip) and its inverse on the labels",
     "the padded network input is assembled on the host after resampling, windowing and cropping on the GPU; "
     "MONAI slices each window there and copies it to the GPU",
-    "labels come back per chunk of rows as int64 (argmax on the GPU), cast to uint8 on the host",
+    "the organ-guided windows' choice of pass-2 windows reads pass 1's organ mask on the host (one bool "
+    "per voxel of the model grid)",
 )
 
 
@@ -129,14 +131,15 @@ def _stages_markdown(device: torch.device) -> list[str]:
         f"On {where}: resampling to the model grid, the intensity window and the body crop "
         "(`preprocess(..., device)`), sliding windows (bf16 autocast on the bfloat16 path), stitching "
         "(on the GPU when the stitched logits fit in 40 % of its free memory), softmax, resampling "
-        "the probabilities to the input grid and argmax (export runs where the probabilities are).",
+        "the probabilities to the input grid (the organs' box only), argmax and the cast of the labels to "
+        "bytes (export runs where the probabilities are).",
         "",
         "Still on the host:",
         "",
         *[f"- {step}" for step in HOST_STEPS],
         "",
-        "Not in this check: organ-guided windows and a faster export (not built yet), CUDA graphs "
-        "and torch.compile (not tried).",
+        "Organ-guided windows are timed on the demo model (`repux segment`: with random weights the "
+        "network's organs are anywhere). Not in this check: CUDA graphs and torch.compile (not tried).",
     ]
 
 
@@ -158,7 +161,7 @@ def main() -> int:
             ct_shape=(48, 48, 24),
             ct_spacing=(2.0, 2.0, 3.0),
             timing_preset=None,  # the demo's runs time the paths end to end
-            paths=(REFERENCE, OPTIMIZED),
+            paths=(REFERENCE, OPTIMIZED, DEFAULT),
             patch_reps=0,
         )
         training_preset, patch = "small", 32
@@ -173,7 +176,7 @@ def main() -> int:
             timing_region=None,  # the whole CT
             timing_kernels=("dense",),
             timing_paths=(REFERENCE, OPTIMIZED),  # bfloat16 is added where native
-            paths=(REFERENCE, OPTIMIZED),
+            paths=(REFERENCE, OPTIMIZED, DEFAULT),
             patch_reps=3,
         )
         training_preset, patch = "paper", 96

@@ -159,9 +159,11 @@ def test_quick_suite_reports_speed_and_agreement(tiny_bundle, tmp_path) -> None:
     assert [run["path"]["name"] for run in timed["runs"]] == [REFERENCE.name, OPTIMIZED.name, *extra]
     assert timed["runs"][0]["windows"] == timed["runs"][1]["windows"] >= 1
     (entry,) = results["agreement"]
-    reference, optimized, default, fewer = entry["runs"][:4]
-    assert [run["path"]["name"] for run in entry["runs"][4:]] == extra
-    assert reference["windows"] == optimized["windows"] >= 1 and fewer["windows"] <= default["windows"]
+    reference, optimized, default, all_windows, fewer = entry["runs"][:5]
+    assert [run["path"]["name"] for run in entry["runs"][5:]] == extra
+    assert reference["windows"] == optimized["windows"] >= 1 and fewer["windows"] <= all_windows["windows"]
+    # Organ-guided windows run at most the full grid, which the same crop with all windows runs.
+    assert default["windows"] <= default["windows_total"] == all_windows["windows"] == all_windows["windows_total"]
     assert reference["dice"] == [1.0] * 4 and reference["speedup"] == 1.0
     assert min(optimized["dice"]) > 0.99  # the same windows: the same labels
     assert all(0.0 <= d <= 1.0 for d in fewer["dice"] + default["dice"])
@@ -191,7 +193,7 @@ def test_summary_falls_back_to_the_exact_path_when_nothing_agrees() -> None:
     settings = {"paths": [{"name": n} for n in (REFERENCE.name, OPTIMIZED.name, FEWER_WINDOWS.name)]}
     agreement = runs(1.0, 1.2, 3.0, dice=0.9)
     agreement[1]["dice"] = [0.999, 0.9999]
-    results = {"settings": settings, "timing": [{"runs": runs(1.0, 1.5, 4.0)}], "agreement": [{"runs": agreement}]}
+    results = {"settings": settings, "timing": [{"runs": runs(1.0, 1.5, 4.0)}], "agreement": [{"model": "tiny", "runs": agreement}]}
     summary = summarize(results)
     # The faster path disagrees (0.9): the exact one is chosen, with its timed speed-up.
     assert (summary["path"], summary["speedup"], summary["agreement"]) == (OPTIMIZED.name, 1.5, 0.999)
@@ -200,6 +202,12 @@ def test_summary_falls_back_to_the_exact_path_when_nothing_agrees() -> None:
     assert not summary["qualified"] and summary["path"] == OPTIMIZED.name and summary["agreement"] == 0.99
     agreement[2]["dice"] = [0.996, 1.0]
     assert summarize(results)["path"] == FEWER_WINDOWS.name
+    # A path measured only on the trained bundle (organ-guided windows) competes with its speed-up there.
+    settings["paths"].append({"name": DEFAULT.name})
+    agreement.append({"path": {"name": DEFAULT.name}, "speedup": 5.0, "dice": [0.999, 1.0]})
+    summary = summarize(results)
+    assert (summary["path"], summary["speedup"]) == (DEFAULT.name, 5.0)
+    assert summary["speedup_measured_on"] == {OPTIMIZED.name: "timing", FEWER_WINDOWS.name: "timing", DEFAULT.name: "tiny"}
 
 
 # ---------------------------------------------------------------- command line

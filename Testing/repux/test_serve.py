@@ -335,6 +335,8 @@ def test_client_refuses_what_the_server_cannot_honour(server, tmp_path, capsys):
     assert "--volumes: not available with --server" in capsys.readouterr().err
     assert main([*argv, "--confidence", str(tmp_path / "c.nii.gz"), "--tta", "flips"]) == 2
     assert "--confidence, --tta: not available with --server" in capsys.readouterr().err
+    assert main([*argv, "--windows", "all"]) == 2
+    assert "--windows: not available with --server" in capsys.readouterr().err
     assert main([*argv, "--model", "nosuch"]) == 2
     assert "model 'nosuch': not served here" in capsys.readouterr().err
     wrong = tmp_path / "wrong-token"

@@ -17,6 +17,27 @@ FAST_HELP = (
     "elsewhere, with a note): faster, labels may differ at a few voxels"
 )
 
+#: ``--windows`` values: organ-guided windows (the default) or every window of the grid.
+WINDOW_MODES = ("organs", "all")
+DEFAULT_WINDOWS = "organs"
+#: The one help text of ``--windows`` (``repux segment``; the README's table says the same).
+WINDOWS_HELP = (
+    "which sliding windows run: 'organs' (default) runs every second window along each axis, finds the "
+    "organs, then only the other windows near them (the result near the organs equals the full grid's); "
+    "'all' runs every window"
+)
+
+
+def check_windows(mode: str) -> str:
+    """``mode`` when it is one of :data:`WINDOW_MODES`.
+
+    Raises:
+        InputError: any other value.
+    """
+    if mode not in WINDOW_MODES:
+        raise InputError(f"--windows {mode}: expected one of {', '.join(WINDOW_MODES)}")
+    return mode
+
 
 def check_device_name(name: str) -> str:
     """``name`` when it is a device name repux accepts (whether that device exists is checked later).

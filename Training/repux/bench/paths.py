@@ -11,7 +11,9 @@ fit in memory, and large memory pages for big tensors:
 - :data:`OPTIMIZED`: the reference's windows exactly (the same crop, overlap 0.5), so only
   float rounding separates its result from the reference's;
 - :data:`DEFAULT`: what ``repux segment`` does: the model grid cropped to the body (voxels
-  above -500 HU and a 10 mm margin), the bundle's overlap;
+  above -500 HU and a 10 mm margin), the bundle's overlap, organ-guided windows
+  (:mod:`repux.infer.guided`) and the export of the organs' box only (:mod:`repux.infer.export`);
+- :data:`ALL_WINDOWS`: the same with every window of the grid (``repux segment --windows all``);
 - :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting);
 - :data:`BFLOAT16`: the reference's windows in bfloat16 (``repux segment --fast``), measured
   only where the device computes bfloat16 natively;
@@ -32,6 +34,7 @@ from repux.infer import Segmenter
 from repux.large_pages import LARGE_PAGES_ENV, SMALL_PAGES_ENV
 
 __all__ = [
+    "ALL_WINDOWS",
     "BFLOAT16",
     "CPU_BACKEND_PATHS",
     "DEFAULT",
@@ -67,6 +70,10 @@ class SegmentationPath:
         backend: "torch", or a runtime of :data:`repux.accel.backends.BACKENDS` running the
             exported rewrite (needs ``optimized``).
         quantize: 8-bit dense convolutions on that runtime, calibrated on phantoms.
+        windows: "all" (MONAI's sliding window over the whole grid) or "organs"
+            (organ-guided windows, ``Segmenter(windows="organs")``).
+        export_everywhere: resample every input voxel in the export (as before issue 15);
+            False: only the box where a label other than background can win.
     """
 
     name: str
@@ -79,6 +86,8 @@ class SegmentationPath:
     fast: bool = False
     backend: str = "torch"
     quantize: bool = False
+    windows: str = "all"
+    export_everywhere: bool = True
 
     def __post_init__(self) -> None:
         if self.crop not in ("published", "body"):
@@ -107,7 +116,9 @@ class SegmentationPath:
         pages = (", large pages" if self.large_pages else "") + (", bfloat16" if self.fast else "")
         per_pass = "windows per pass to fit memory" if self.sw_batch_size is None else f"{self.sw_batch_size} windows per pass"
         overlap = "the bundle's overlap" if self.overlap is None else f"overlap {self.overlap}"
-        return f"{network}, {crop}, {overlap}, {per_pass}, {self.blend} blending{pages}"
+        windows = ", organ-guided windows" if self.windows == "organs" else ""
+        export = "" if self.export_everywhere else ", export of the organs' box"
+        return f"{network}, {crop}, {overlap}, {per_pass}, {self.blend} blending{windows}{export}{pages}"
 
 
 REFERENCE = SegmentationPath("reference", optimized=False, crop="published", overlap=0.5, sw_batch_size=4)
@@ -115,8 +126,16 @@ OPTIMIZED = SegmentationPath(
     "optimized, same windows", optimized=True, crop="published", overlap=0.5, sw_batch_size=None, large_pages=True
 )
 DEFAULT = SegmentationPath(
-    "repux segment", optimized=True, crop="body", overlap=None, sw_batch_size=None, large_pages=True
+    "repux segment",
+    optimized=True,
+    crop="body",
+    overlap=None,
+    sw_batch_size=None,
+    large_pages=True,
+    windows="organs",
+    export_everywhere=False,
 )
+ALL_WINDOWS = replace(DEFAULT, name="repux segment --windows all", windows="all")
 FEWER_WINDOWS = SegmentationPath(
     "optimized, body crop, overlap 0.25",
     optimized=True,
@@ -179,6 +198,8 @@ def build_segmenter(bundle: Bundle, path: SegmentationPath, device: torch.device
         optimize=path.optimized,
         windows_per_pass=path.sw_batch_size,
         network=network,
+        windows=path.windows,
+        export_everywhere=path.export_everywhere,
     )
     segmenter.window = replace(segmenter.window, blend=path.blend)
     if path.crop == "published":

@@ -76,12 +76,18 @@ def _memory(run: dict[str, Any]) -> str:
     return text
 
 
+def _windows(run: dict[str, Any]) -> str:
+    """Windows run, and "of N" windows of the full grid when some were skipped."""
+    total = run.get("windows_total") or run["windows"]
+    return str(run["windows"]) if total == run["windows"] else f"{run['windows']} of {total}"
+
+
 def _run_rows(runs: list[dict[str, Any]], lead: str) -> list[str]:
     rows = []
     for run in runs:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in run["stages_s"].items())
         rows.append(
-            f"| {lead} | {run['path']['name']} | {run['windows']} | {_seconds(run['end_to_end_s'])} "
+            f"| {lead} | {run['path']['name']} | {_windows(run)} | {_seconds(run['end_to_end_s'])} "
             f"| **{run['speedup']:.2f}** | {_seconds(run['cpu_s'])} | {_memory(run)} | load {run['load_s']:.1f}, {stages} |"
         )
     return rows
@@ -204,10 +210,12 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"No timed path reached Dice {AGREEMENT_BAR} on every label: **{summary['path']}** "
             "(the reference's windows) is reported."
         )
+    where = summary.get("speedup_measured_on", {}).get(summary["path"], "timing")
+    measured = "at the timed width" if where == "timing" else f"with the {where} model on the agreement CT"
     lines += [
         "## Summary",
         "",
-        chosen + " Its end-to-end speed-up and agreement:",
+        chosen + f" Its end-to-end speed-up (measured {measured}) and agreement:",
         "",
         "```",
         f"speedup {speedup:.2f} agreement {agreement:.4f}",

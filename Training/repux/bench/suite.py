@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from repux.bench.agreement import AGREEMENT_BAR, label_dice, max_probability_difference
-from repux.bench.paths import BFLOAT16, DEFAULT, FEWER_WINDOWS, OPTIMIZED, REFERENCE, SegmentationPath
+from repux.bench.paths import ALL_WINDOWS, BFLOAT16, DEFAULT, FEWER_WINDOWS, OPTIMIZED, REFERENCE, SegmentationPath
 from repux.bench.worker import run_task
 
 __all__ = ["BenchmarkSettings", "FULL", "QUICK", "Region", "region_text", "run_benchmark", "summary_line"]
@@ -89,7 +89,7 @@ class BenchmarkSettings:
     models: tuple[str, ...] = ("demo",)
     agreement_region: Region | None = None
     patch_reps: int = 3
-    paths: tuple[SegmentationPath, ...] = (REFERENCE, OPTIMIZED, DEFAULT, FEWER_WINDOWS)
+    paths: tuple[SegmentationPath, ...] = (REFERENCE, OPTIMIZED, DEFAULT, ALL_WINDOWS, FEWER_WINDOWS)
 
 
 FULL = BenchmarkSettings()
@@ -210,7 +210,7 @@ def _segment(
     result = run_task(task, env=path.environment())
     result["end_to_end_s"] = result["load_s"] + result["segment_s"]
     _log(
-        f"  {result['windows']} windows, {result['end_to_end_s']:.1f} s, "
+        f"  {result['windows']} of {result['windows_total']} windows, {result['end_to_end_s']:.1f} s, "
         f"peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
     return result
@@ -344,7 +344,9 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
     Agreement of a path is its lowest per-label Dice over the trained bundles; a path
     qualifies at :data:`AGREEMENT_BAR`. Speed-ups are end to end: at the timed width with
-    the first timed kernels when there was such a timing, else on the first trained bundle.
+    the first timed kernels for the paths timed there, else on the first trained bundle
+    (organ-guided windows only mean something with trained weights: a random network's
+    "organs" are anywhere); ``speedup_measured_on`` says which for each path.
     When no path qualifies (or no bundle measured agreement), the first path after the
     reference, which computes the reference's windows exactly, is reported.
     """
@@ -356,11 +358,15 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         )
         for index, name in enumerate(names)
     }
-    if results.get("timing"):
-        runs = results["timing"][0]["runs"]
-    else:
-        runs = results["agreement"][0]["runs"]
-    speedups = {run["path"]["name"]: run["speedup"] for run in runs[1:]}
+    speedups: dict[str, float] = {}
+    measured_on: dict[str, str] = {}
+    sources = [("timing", results["timing"][0]["runs"])] if results.get("timing") else []
+    sources += [(entry["model"], entry["runs"]) for entry in results.get("agreement", [])[:1]]
+    for source, runs in sources:
+        for run in runs[1:]:
+            if run["path"]["name"] not in speedups:
+                speedups[run["path"]["name"]] = run["speedup"]
+                measured_on[run["path"]["name"]] = source
     qualified = [name for name in speedups if agreement.get(name, math.nan) >= AGREEMENT_BAR]
     chosen = max(qualified, key=speedups.__getitem__) if qualified else next(iter(speedups))
     return {
@@ -370,6 +376,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
         "qualified": bool(qualified),
         "agreement_per_path": agreement,
         "speedup_per_path": speedups,
+        "speedup_measured_on": measured_on,
     }
 
 

@@ -90,6 +90,7 @@ def _segment(task: dict[str, Any]) -> dict[str, Any]:
         "cpu_s": cpu_s,
         "stages_s": prediction.seconds,
         "windows": prediction.windows,
+        "windows_total": prediction.windows_total,
         "notes": prediction.notes,
         **_peak_memory(device),
     }

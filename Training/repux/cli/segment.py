@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repux.errors import InputError
-from repux.options import DEVICE_HELP, FAST_HELP
+from repux.options import DEFAULT_WINDOWS, DEVICE_HELP, FAST_HELP, WINDOW_MODES, WINDOWS_HELP
 from repux.progress import PROGRESS_HELP, PROGRESS_MODES
 
 if TYPE_CHECKING:
@@ -58,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help=FAST_HELP,
     )
+    parser.add_argument("--windows", choices=WINDOW_MODES, default=DEFAULT_WINDOWS, help=WINDOWS_HELP)
     parser.add_argument(
         "--backend",
         choices=("torch", "openvino"),
@@ -273,6 +274,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         optimize=not args.plain_network,
         mirror=args.tta == "flips",
         backend=args.backend,
+        windows=args.windows,
     )
 
     rows, review_rows, written, skipped, failed = [], [], [], [], []

@@ -2,8 +2,8 @@
 
 Stages, one module each (nnU-Net-like): :mod:`.preprocess` (reorient, resample to the
 model spacing, crop to the body, intensity window, pad), :mod:`.predict` (sliding windows,
-softmax, out-of-memory fallbacks), :mod:`.export` (probabilities back to the input grid,
-argmax). :mod:`.grid` holds the geometry, :mod:`.writers` the output files,
+softmax, out-of-memory fallbacks; :mod:`.guided`: only the windows near the organs),
+:mod:`.export` (probabilities back to the input grid, argmax). :mod:`.grid` holds the geometry, :mod:`.writers` the output files,
 :mod:`.metrics` Dice and HD95, :mod:`.overlay` the demo's PNG, :mod:`.scan_check` the
 warnings about scans unlike the training data, :mod:`.memory` the memory a case needs.
 :class:`Segmenter` chains the stages.

@@ -20,6 +20,7 @@ from repux.bundle import Bundle
 from repux.errors import InputError
 from repux.imageio import Volume
 from repux.infer.export import to_input_grid
+from repux.infer.guided import GuidedRun, growth_voxels, guided_probabilities
 from repux.infer.grid import Grid
 from repux.infer.predict import (
     ExecutionPlan,
@@ -35,7 +36,7 @@ from repux.infer.memory import case_memory_bytes, require_memory
 from repux.infer.preprocess import Preprocessed, PreprocessingConfig, check_image, padded_shape, plan_grids, preprocess
 from repux.infer.roi import RasBox, roi_voxels
 from repux.infer.scan_check import scan_warnings
-from repux.options import DEVICE_CHOICES, check_overlap
+from repux.options import DEFAULT_WINDOWS, DEVICE_CHOICES, check_overlap, check_windows
 from repux.progress import Progress
 
 
@@ -90,6 +91,9 @@ class Prediction:
             those hold results (equal to the whole-image run's), the others are 0.
         plan: the execution plan that succeeded (device, stitching device, windows per pass).
         windows: number of sliding windows run.
+        windows_total: windows of the full grid (more than ``windows`` when organ-guided
+            windows or a region skipped some).
+        guided: what the organ-guided windows did (None when every window ran, or with a region).
         seconds: wall time per stage ("preprocess", "infer", "export").
         notes: messages worth showing (out-of-memory retries, ignored options).
         warnings: why the scan does not look like the model's training scans
@@ -100,6 +104,8 @@ class Prediction:
     probabilities: np.ndarray | None
     plan: ExecutionPlan
     windows: int
+    windows_total: int = 0
+    guided: GuidedRun | None = None
     confidence: np.ndarray | None = None
     entropy: np.ndarray | None = None
     roi: np.ndarray | None = None
@@ -128,6 +134,11 @@ class Segmenter:
             its 8 mirror images, 8 times the network's work.
         backend: "torch", or "openvino": the optimized network exported to OpenVINO
             (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
+        windows: "organs": organ-guided windows (:mod:`~repux.infer.guided`; not with a
+            region of interest, which runs its own windows); "all": every window of the grid
+            (MONAI's ``sliding_window_inference``).
+        export_everywhere: resample every input voxel in the export, not only the box where
+            the labels are not known to be background (the same labels; for comparison).
     """
 
     def __init__(
@@ -142,8 +153,12 @@ class Segmenter:
         windows_per_pass: int | None = None,
         mirror: bool = False,
         backend: str = "torch",
+        windows: str = DEFAULT_WINDOWS,
+        export_everywhere: bool = False,
     ) -> None:
         check_overlap(overlap)
+        self.windows = check_windows(windows)
+        self.export_everywhere = export_everywhere
         self.bundle = bundle
         self.device = resolve_device(device)
         metadata = bundle.metadata
@@ -272,17 +287,31 @@ class Segmenter:
             notes.append(message)
             self.progress.message(message)
 
-        probs, plan = predict_probabilities(
-            prepared.image, self.predictor, self.window, plan, self.progress, retried, windows=windows
-        )
+        guided = None
+        if region is None and self.windows == "organs":
+            growth = growth_voxels(self.window, prepared.model_grid.spacing)
+            probs, plan, guided = guided_probabilities(
+                prepared.image, self.predictor, self.window, plan, growth, self.progress, retried
+            )
+        else:
+            probs, plan = predict_probabilities(
+                prepared.image, self.predictor, self.window, plan, self.progress, retried, windows=windows
+            )
         seconds["infer"] = time.perf_counter() - start
 
         start = time.perf_counter()
         # Map back where the probabilities already are: the GPU when they were stitched there.
         exported = to_input_grid(
-            probs, prepared, keep_probabilities=probabilities, progress=self.progress, review=review, only_rows=rows
+            probs,
+            prepared,
+            keep_probabilities=probabilities,
+            progress=self.progress,
+            review=review,
+            only_rows=rows,
+            everywhere=self.export_everywhere,
         )
         seconds["export"] = time.perf_counter() - start
+        total = self.window.window_count(image_shape)
         if mask is not None:
             # Rows of the box hold whole planes of results; keep only the box's voxels.
             for array in (exported.labels, exported.confidence, exported.entropy):
@@ -294,7 +323,9 @@ class Segmenter:
             labels=volume.with_array(exported.labels),
             probabilities=exported.probabilities,
             plan=plan,
-            windows=len(windows) if windows is not None else self.window.window_count(image_shape),
+            windows=guided.windows_run if guided else len(windows) if windows is not None else total,
+            windows_total=total,
+            guided=guided,
             confidence=exported.confidence,
             entropy=exported.entropy,
             roi=mask,

@@ -179,20 +179,26 @@ def _integer_shift(matrix: np.ndarray) -> np.ndarray | None:
     return None
 
 
-def _copy_shifted(
-    source: torch.Tensor, shift: np.ndarray, rows: slice, shape: tuple[int, int, int], fill: float
-) -> torch.Tensor:
-    """Target voxels ``rows`` x all x all of ``source[c, t + shift]``, ``fill`` outside ``source``."""
+#: A box of voxel indices: a range per axis.
+Box = tuple[range, range, range]
+
+
+def whole_box(shape: tuple[int, ...]) -> Box:
+    """Every voxel of a grid of ``shape``."""
+    return tuple(range(n) for n in shape)  # type: ignore[return-value]
+
+
+def _copy_shifted(source: torch.Tensor, shift: np.ndarray, part: Box, fill: float) -> torch.Tensor:
+    """Target voxels ``part`` of ``source[c, t + shift]``, ``fill`` outside ``source``."""
     channels = source.shape[0]
-    size = (channels, rows.stop - rows.start, shape[1], shape[2])
-    out = torch.full(size, fill, dtype=source.dtype, device=source.device)
+    out = torch.full((channels, *(len(r) for r in part)), fill, dtype=source.dtype, device=source.device)
     target_ranges, source_ranges = [], []
-    for axis, (start, stop) in enumerate(((rows.start, rows.stop), (0, shape[1]), (0, shape[2]))):
-        low = max(start, -shift[axis])
-        high = min(stop, source.shape[axis + 1] - shift[axis])
+    for axis, wanted in enumerate(part):
+        low = max(wanted.start, -shift[axis])
+        high = min(wanted.stop, source.shape[axis + 1] - shift[axis])
         if high <= low:
             return out
-        target_ranges.append(slice(low - start, high - start))
+        target_ranges.append(slice(low - wanted.start, high - wanted.start))
         source_ranges.append(slice(low + shift[axis], high + shift[axis]))
     out[(slice(None), *target_ranges)] = source[(slice(None), *source_ranges)]
     return out
@@ -205,37 +211,36 @@ def resample_chunks(
     mode: str = "linear",
     fill: float = 0.0,
     chunk_points: int = CHUNK_POINTS,
-    only_rows: range | None = None,
+    box: Box | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Sample ``values`` (C, I, J, K) on ``source`` at the voxel centres of ``target``.
 
     Yields ``(rows, chunk)`` pairs: ``chunk`` (C, len(rows), J', K') holds the target voxels
-    whose first index is in ``rows``, on ``values``' device and dtype. ``mode`` is "linear"
-    (trilinear) or "nearest". Target voxels farther than half a voxel outside ``source``
-    get ``fill``; those within half a voxel take the nearest edge value.
+    of ``box`` (None: all of ``target``; J', K' its sizes along the other axes) whose first
+    index is in ``rows``, on ``values``' device and dtype. ``mode`` is "linear" (trilinear)
+    or "nearest". Target voxels farther than half a voxel outside ``source`` get ``fill``;
+    those within half a voxel take the nearest edge value.
 
-    ``only_rows``: yield only the chunks holding one of these first indices. The chunks are
-    those of the whole target, computed the same way, so their values are bit-identical.
+    Each voxel's value is computed alone (the same bits whatever the box and the chunks), so
+    a box of the target gets exactly what the whole target's run gives it.
     """
     matrix = np.linalg.inv(source.affine) @ target.affine  # target index -> source index
     shift = _integer_shift(matrix)
     parallel = mode == "linear" and _parallel_axes(matrix)
-    plane = max(target.shape[1] * target.shape[2], 1)
+    box = whole_box(target.shape) if box is None else box
+    if any(len(r) == 0 for r in box):
+        return
+    plane = max(len(box[1]) * len(box[2]), 1)
     step = max(1, chunk_points // plane)
-    for start in range(0, target.shape[0], step):
-        rows = slice(start, min(start + step, target.shape[0]))
-        if only_rows is not None and not _meets(rows, only_rows):
-            continue
+    for start in range(box[0].start, box[0].stop, step):
+        rows = slice(start, min(start + step, box[0].stop))
+        part: Box = (range(rows.start, rows.stop), box[1], box[2])
         if shift is not None:
-            yield rows, _copy_shifted(values, shift, rows, target.shape, fill)
+            yield rows, _copy_shifted(values, shift, part, fill)
         elif parallel:
-            yield rows, _interpolate_separably(values, matrix, rows, target.shape, fill)
+            yield rows, _interpolate_separably(values, matrix, part, fill)
         else:
-            yield rows, _sample(values, matrix, rows, target.shape, mode, fill)
-
-
-def _meets(rows: slice, wanted: range) -> bool:
-    return len(wanted) > 0 and rows.start < wanted.stop and wanted.start < rows.stop
+            yield rows, _sample(values, matrix, part, mode, fill)
 
 
 def _parallel_axes(matrix: np.ndarray) -> bool:
@@ -244,18 +249,16 @@ def _parallel_axes(matrix: np.ndarray) -> bool:
     return bool(np.allclose(linear - np.diag(np.diag(linear)), 0.0, atol=1e-9) and np.all(np.diag(linear) > 0))
 
 
-def _interpolate_separably(
-    values: torch.Tensor, matrix: np.ndarray, rows: slice, shape: tuple[int, int, int], fill: float
-) -> torch.Tensor:
+def _interpolate_separably(values: torch.Tensor, matrix: np.ndarray, part: Box, fill: float) -> torch.Tensor:
     """:func:`_sample` in "linear" mode for a diagonal ``matrix``, one axis at a time.
 
     Along each axis the source position ``p = scale * t + offset`` of every target index
     ``t`` is clamped to the source (as ``grid_sample``'s border padding does) and the two
     neighbouring source planes are blended; positions more than half a voxel outside get
-    ``fill``. Only the source planes that ``rows`` reach are read.
+    ``fill``. Only the source planes that the first axis's targets reach are read.
     """
     device = values.device
-    targets = (torch.arange(rows.start, rows.stop), torch.arange(shape[1]), torch.arange(shape[2]))
+    targets = tuple(torch.arange(r.start, r.stop) for r in part)
     lowers, uppers, weights, outside = [], [], [], []
     for axis in range(3):
         size = values.shape[axis + 1]
@@ -271,41 +274,40 @@ def _interpolate_separably(
     work = values[:, first : last + 1]
     work = work if work.dtype == torch.float64 else work.float()
     lowers[0], uppers[0] = lowers[0] - first, uppers[0] - first
-    # Axes that shrink the volume first, those that grow it last: the work is the size of the
-    # intermediate volumes.
-    for axis in sorted(range(3), key=lambda a: len(targets[a]) / work.shape[a + 1]):
+    # Axes that shrink the volume (more source voxels per target step) first, those that grow
+    # it last: the work is the size of the intermediate volumes. The order depends on the
+    # grids only, never on the box, so every voxel gets the same bits in any box.
+    for axis in sorted(range(3), key=lambda a: -float(matrix[a, a])):
         view = [1, 1, 1, 1]
         view[axis + 1] = -1
         weight = weights[axis].to(work.dtype).view(view)
         work = torch.lerp(work.index_select(axis + 1, lowers[axis]), work.index_select(axis + 1, uppers[axis]), weight)
-    mask = outside[0][:, None, None] | outside[1][None, :, None] | outside[2][None, None, :]
-    work[:, mask] = fill
+    for axis in range(3):
+        if bool(outside[axis].any()):
+            index: list[slice | torch.Tensor] = [slice(None)] * 4
+            index[axis + 1] = outside[axis]
+            work[tuple(index)] = fill
     return work.to(values.dtype)
 
 
-def _sample(
-    values: torch.Tensor, matrix: np.ndarray, rows: slice, shape: tuple[int, int, int], mode: str, fill: float
-) -> torch.Tensor:
+def _sample(values: torch.Tensor, matrix: np.ndarray, part: Box, mode: str, fill: float) -> torch.Tensor:
     device = values.device
     # Index arithmetic in float64: float32 would shift positions by ~1e-4 voxel in large volumes.
-    linear = torch.as_tensor(matrix[:3, :3].T, dtype=torch.float64, device=device)  # row a: step along target axis a
-    offset = torch.as_tensor(matrix[:3, 3], dtype=torch.float64, device=device)
-    steps = [
-        torch.arange(rows.start, rows.stop, dtype=torch.float64, device=device),
-        torch.arange(shape[1], dtype=torch.float64, device=device),
-        torch.arange(shape[2], dtype=torch.float64, device=device),
-    ]
+    # grid_sample wants (x, y, z) = (k, j, i): the source axes are laid out reversed from the start.
+    linear = torch.as_tensor(matrix[2::-1, :3].T.copy(), dtype=torch.float64, device=device)  # row a: step along target axis a
+    offset = torch.as_tensor(matrix[2::-1, 3].copy(), dtype=torch.float64, device=device)
+    steps = [torch.arange(r.start, r.stop, dtype=torch.float64, device=device) for r in part]
     # Source index (n, J, K, 3) of every target voxel, summed axis by axis (broadcast, no meshgrid).
     position = (
         (steps[0][:, None] * linear[0] + offset)[:, None, None, :]
         + (steps[1][:, None] * linear[1])[None, :, None, :]
         + (steps[2][:, None] * linear[2])[None, None, :, :]
     )
-    size = torch.as_tensor(values.shape[1:], dtype=torch.float64, device=device)
+    size = torch.as_tensor(values.shape[:0:-1], dtype=torch.float64, device=device)
     outside = ((position < -0.5) | (position > size - 0.5)).any(dim=-1)
-    # grid_sample wants (x, y, z) = (k, j, i) normalised to [-1, 1] (align_corners=True).
+    # Normalised to [-1, 1] (align_corners=True).
     normalised = position * 2.0 / torch.clamp(size - 1, min=1) - 1.0
-    grid = normalised.flip(-1).to(torch.float32 if values.dtype != torch.float64 else torch.float64)
+    grid = normalised.to(torch.float32 if values.dtype != torch.float64 else torch.float64)
     sampled = F.grid_sample(
         values.unsqueeze(0).to(grid.dtype),
         grid.unsqueeze(0),

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from monai.data.utils import dense_patch_slices
@@ -218,6 +218,39 @@ def _release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+Result = TypeVar("Result")
+
+
+def with_memory_fallbacks(
+    attempt: Callable[[WindowPredictor, ExecutionPlan], Result],
+    predictor: WindowPredictor,
+    plan: ExecutionPlan,
+    on_retry: Callable[[str], None] | None = None,
+) -> tuple[Result, ExecutionPlan]:
+    """``attempt(predictor, plan)`` and the plan that worked; a CUDA (or CPU) out-of-memory
+    error starts it again with :meth:`ExecutionPlan.after_out_of_memory` (``on_retry`` hears why).
+
+    Raises:
+        torch.OutOfMemoryError: even the lightest plan (one window per pass on the CPU) failed.
+    """
+    while True:
+        predictor = predictor.to(plan.device)
+        try:
+            return attempt(predictor, plan), plan
+        except torch.OutOfMemoryError:
+            failed = plan
+        # Retry outside the except block: the traceback's frames would keep the big tensors alive.
+        _release_memory(failed.device)
+        lighter = failed.after_out_of_memory()
+        if lighter is None:
+            raise torch.OutOfMemoryError(
+                f"out of memory even with {failed.describe()}; free memory or use a smaller patch size"
+            )
+        plan = lighter
+        if on_retry is not None:
+            on_retry(f"out of memory with {failed.describe()}; retrying with {plan.describe()}")
+
+
 def predict_probabilities(
     image: torch.Tensor,
     predictor: WindowPredictor,
@@ -242,22 +275,11 @@ def predict_probabilities(
     grid = window_grid(tuple(image.shape[2:]), config)
     chosen = None if windows is None else _window_keys(grid, windows)
     total = len(grid) if chosen is None else len(chosen)
-    while True:
-        predictor = predictor.to(plan.device)
-        try:
-            logits = _run_windows(image, predictor, config, plan, progress, total, chosen)
-            break
-        except torch.OutOfMemoryError:
-            failed = plan
-        # Retry outside the except block: the traceback's frames would keep the big tensors alive.
-        _release_memory(failed.device)
-        plan = failed.after_out_of_memory()
-        if plan is None:
-            raise torch.OutOfMemoryError(
-                f"out of memory even with {failed.describe()}; free memory or use a smaller patch size"
-            )
-        if on_retry is not None:
-            on_retry(f"out of memory with {failed.describe()}; retrying with {plan.describe()}")
+
+    def attempt(predictor: WindowPredictor, plan: ExecutionPlan) -> torch.Tensor:
+        return _run_windows(image, predictor, config, plan, progress, total, chosen)
+
+    logits, plan = with_memory_fallbacks(attempt, predictor, plan, on_retry)
     return softmax_in_place(logits[0]), plan
 
 
@@ -284,6 +306,25 @@ def _window_keys(grid: Sequence[Window], windows: Collection[int]) -> set[tuple[
     return {tuple(s.start for s in grid[index]) for index in windows}
 
 
+class WindowCounter:
+    """Reports windows done to a progress stage "infer", at most every :data:`PROGRESS_INTERVAL`
+    seconds (the last window always reports)."""
+
+    def __init__(self, progress: Progress | None, total: int, done: int = 0) -> None:
+        self.progress, self.total, self.done = progress, total, done
+        self.reported = time.monotonic()
+        if progress is not None:
+            progress.stage("infer", total, done=done)
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.progress is not None and (
+            self.done >= self.total or time.monotonic() - self.reported >= PROGRESS_INTERVAL
+        ):
+            self.progress.update(self.done)
+            self.reported = time.monotonic()
+
+
 def _run_windows(
     image: torch.Tensor,
     predictor: WindowPredictor,
@@ -293,12 +334,9 @@ def _run_windows(
     total: int,
     chosen: set[tuple[int, ...]] | None = None,
 ) -> torch.Tensor:
-    done, reported = 0, time.monotonic()
-    if progress is not None:
-        progress.stage("infer", total)
+    counter = WindowCounter(progress, total)
 
     def counted(windows: torch.Tensor, where: list[list[slice]]) -> torch.Tensor:
-        nonlocal done, reported
         if chosen is not None:
             needed = sum(tuple(s.start for s in place[2:]) in chosen for place in where)
             if not needed:
@@ -308,10 +346,7 @@ def _run_windows(
         else:
             needed = windows.shape[0]
         logits = predictor(windows)
-        done += needed
-        if progress is not None and (done >= total or time.monotonic() - reported >= PROGRESS_INTERVAL):
-            progress.update(done)
-            reported = time.monotonic()
+        counter.add(needed)
         return logits
 
     with torch.inference_mode():

@@ -213,6 +213,7 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
     from repux.cli.segment import finish_batch, plan_cases, record_failure
     from repux.errors import InputError
     from repux.infer.writers import LABEL_SUFFIXES, output_suffix
+    from repux.options import DEFAULT_WINDOWS
     from repux.serve.tokens import read_first_token
 
     local_only = ("probabilities", "volumes", "plain_network", "confidence", "entropy", "review", "roi", "update")
@@ -221,6 +222,8 @@ def segment_on_server(args: "argparse.Namespace", progress: "Progress") -> int:
         unsupported.append("--device")
     if args.tta != "none":
         unsupported.append("--tta")
+    if getattr(args, "windows", DEFAULT_WINDOWS) != DEFAULT_WINDOWS:
+        unsupported.append("--windows")
     if unsupported:
         raise InputError(f"{', '.join(unsupported)}: not available with --server (the server chooses its device and outputs)")
     if not args.token_file:
