@@ -418,3 +418,21 @@ def test_replayed_records_are_the_jobs_own_in_jsonl_and_drive_the_bar(capsys):
     bar.finish()
     err = capsys.readouterr().err
     assert "resampled to 4 mm" in err and "infer" in err and "3/3" in err
+
+
+def test_restart_removes_only_the_servers_own_unfinished_uploads(tmp_path):
+    """A --work-dir whose jobs/ folder also holds the user's own things: only job-id folders are the server's."""
+    from repux.serve.jobs import JobManager, Limits
+
+    jobs = tmp_path / "work" / "jobs"
+    (jobs / "my-notes").mkdir(parents=True)
+    (jobs / "my-notes" / "notes.txt").write_text("mine", encoding="utf-8")
+    (jobs / ("a" * 32)).mkdir()
+    (jobs / ("a" * 32) / "input.nrrd").write_bytes(b"half an upload")
+    manager = JobManager(tmp_path / "work", {}, [], Limits())
+    manager.start()
+    try:
+        assert (jobs / "my-notes" / "notes.txt").read_text(encoding="utf-8") == "mine"
+        assert not (jobs / ("a" * 32)).exists()
+    finally:
+        manager.stop()

@@ -138,7 +138,9 @@ class JobManager:
         notes, queued = [], []
         for folder in sorted(self.jobs_dir.iterdir()):
             record = folder / "job.json"
-            if not JOB_ID.match(folder.name) or not record.is_file():
+            if not JOB_ID.match(folder.name):
+                continue  # not a job's folder: never the server's to remove
+            if not record.is_file():
                 shutil.rmtree(folder, ignore_errors=True)  # an upload that never became a job
                 continue
             job = Job(**json.loads(record.read_text(encoding="utf-8")))
