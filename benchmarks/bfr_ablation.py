@@ -8,7 +8,9 @@ ones from their checkpoint (``repux train --resume``) and carries on down the pl
 ablation can span many sessions; raising ``--iterations`` or ``--patience`` continues runs
 that stopped under the old budget. ``--stop-at HH:MM`` (UTC) ends the current run cleanly
 (SIGTERM: it writes a checkpoint) and writes the report; ``--report-only`` writes the report
-from whatever exists, also while another harness is training.
+from whatever exists, also while another harness is training. Several harnesses may share a
+work dir (one per core, each with ``OMP_NUM_THREADS=1``): each takes the next run that no
+live harness holds (``runs/NAME/harness.lock``, the holder's pid).
 
 Protocol (fixed per work dir, recorded in ``WORKDIR/protocol.json``):
 
@@ -219,6 +221,47 @@ def last_iteration(records: list[dict[str, Any]]) -> int:
 
 class Stop(Exception):
     """The deadline passed or the harness was asked to stop."""
+
+
+def take_run(run: Path) -> bool:
+    """Hold ``run`` for this harness, unless another live harness holds it.
+
+    A lock whose holder has died (a hard kill, a reboot) is taken over, so a crash never
+    leaves a run orphaned.
+    """
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / "harness.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = int(lock.read_text(encoding="utf-8") or 0)
+            except (FileNotFoundError, ValueError):
+                holder = 0  # released or half-written just now: look again
+            if holder == os.getpid():
+                return True
+            if holder and _alive(holder):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(str(os.getpid()))
+        return True
+
+
+def release_run(run: Path) -> None:
+    (run / "harness.lock").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def train_run(work: Workdir, spec: RunSpec, deadline: float | None) -> None:
@@ -696,13 +739,19 @@ def main() -> None:
         try:
             for spec in plan(protocol):
                 run = work.run_dir(spec)
-                if not training_finished(bundle_provenance(run), protocol):
-                    train_run(work, spec, deadline)
-                provenance = bundle_provenance(run)
-                evaluation = _read_json(run / "evaluation.json")
-                if training_finished(provenance, protocol) and (evaluation or {}).get("bundle_created") != provenance["created"]:
-                    print(f"== {spec.name}: scoring on the test phantoms", file=sys.stderr, flush=True)
-                    evaluate_run(work, spec)
+                if not take_run(run):
+                    print(f"== {spec.name}: another harness holds it; next run", file=sys.stderr, flush=True)
+                    continue
+                try:
+                    if not training_finished(bundle_provenance(run), protocol):
+                        train_run(work, spec, deadline)
+                    provenance = bundle_provenance(run)
+                    evaluation = _read_json(run / "evaluation.json")
+                    if training_finished(provenance, protocol) and (evaluation or {}).get("bundle_created") != provenance["created"]:
+                        print(f"== {spec.name}: scoring on the test phantoms", file=sys.stderr, flush=True)
+                        evaluate_run(work, spec)
+                finally:
+                    release_run(run)
         except (Stop, KeyboardInterrupt):
             print("== stopped; unfinished runs resume on the next start", file=sys.stderr, flush=True)
     write_report(work, out)

@@ -4,6 +4,7 @@ unfinished one from its checkpoint."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -68,6 +69,7 @@ def test_quick_ablation_reports_and_resumes(tmp_path):
     scored = (work / "runs" / "bfr-adamw-a1-s0" / "evaluation.json").stat().st_mtime_ns
     harness("--quick", "--workdir", str(work), "--out", str(out))
     assert [len(sessions(work, run)) for run in RUNS] == [1, 2, 1, 1]
+    assert not list(work.glob("runs/*/harness.lock"))  # every run released
     assert (work / "runs" / "bfr-adamw-a1-s0" / "evaluation.json").stat().st_mtime_ns == scored
     log = (work / "runs" / "adamw-a1-s0" / "train.jsonl").read_text()
     assert "at iteration 4" in log and sessions(work, "adamw-a1-s0")[1]["from_iteration"] == 4
@@ -79,3 +81,24 @@ def test_quick_ablation_reports_and_resumes(tmp_path):
     # The experiment's fixed settings cannot change under the same work dir.
     refused = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(work)], capture_output=True, text=True, env=ENV)
     assert refused.returncode != 0 and "other trainval" in refused.stderr
+
+
+def test_a_run_held_by_a_live_harness_is_left_to_it_and_a_dead_ones_is_taken_over(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bfr_ablation", SCRIPT)
+    ablation = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bfr_ablation", ablation)  # its dataclasses look themselves up there
+    spec.loader.exec_module(ablation)
+    run = tmp_path / "runs" / "adamw-a1-s1"
+    run.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "harness.lock").write_text(str(other.pid), encoding="utf-8")
+        assert not ablation.take_run(run)
+    finally:
+        other.kill()
+        other.wait()
+    assert ablation.take_run(run)  # its holder died: the run is not orphaned
+    assert (run / "harness.lock").read_text(encoding="utf-8") == str(os.getpid())
+    assert ablation.take_run(run)  # this harness already holds it
+    ablation.release_run(run)
+    assert not (run / "harness.lock").exists()
