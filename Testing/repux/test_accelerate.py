@@ -241,6 +241,31 @@ def test_layout_aware_instance_norm_matches_torch_in_both_layouts(batch: int, ch
         LayoutAwareInstanceNorm3d.replacing(nn.InstanceNorm3d(channels, affine=True))
 
 
+def test_layout_aware_instance_norm_keeps_float32_statistics_under_bfloat16_autocast() -> None:
+    # Autocast rounds matrix products' operands to bfloat16; the statistics must not be.
+    torch.manual_seed(5)
+    x = torch.randn(1, 6, 40, 40, 40, dtype=torch.float64) * 0.5 + 20
+    expected = F.instance_norm(x, eps=1e-5)
+    channels_last = x.float().contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = LayoutAwareInstanceNorm3d()(channels_last)
+    assert got.dtype == torch.float32 and relative_error(got.double(), expected) < 1e-5
+
+
+def test_layout_aware_instance_norm_of_bfloat16_activations() -> None:
+    torch.manual_seed(6)
+    x = torch.randn(1, 6, 20, 24, 28, dtype=torch.float64) * torch.rand(1, 6, 1, 1, 1) * 3 + 5
+    expected = F.instance_norm(x, eps=1e-5)
+    channels_last = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last_3d)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = LayoutAwareInstanceNorm3d()(channels_last)
+        assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last_3d)
+        # No worse than normalising the bfloat16 input exactly and rounding the result to bfloat16.
+        best = F.instance_norm(channels_last.double(), eps=1e-5).to(torch.bfloat16).double()
+        assert (got.double() - expected).abs().max() <= 1.5 * (best - expected).abs().max()
+
+
 def test_optimized_repuxnet_computes_the_same_function_and_leaves_the_original() -> None:
     torch.manual_seed(7)
     net = randomized(RepUXNet(**TINY_REPUX), seed=7)

@@ -18,10 +18,11 @@ import torch
 from infer_support import save_tiny_bundle
 from repux.accel import OptimizedNetwork, native_bfloat16
 from repux.bench import agreement
-from repux.bench.agreement import label_dice, max_probability_difference
+from repux.bench.agreement import AGREEMENT_BAR, label_dice, max_probability_difference
 from repux.bench.paths import (
     BFLOAT16,
     DEFAULT,
+    DEFAULT_BFLOAT16,
     FEWER_WINDOWS,
     OPTIMIZED,
     REFERENCE,
@@ -154,9 +155,9 @@ def test_quick_suite_reports_speed_and_agreement(tiny_bundle, tmp_path) -> None:
     results = run_benchmark(settings, tmp_path, command="test")
     (timed,) = results["timing"]
     assert timed["kernels"] == "dense" and timed["patch"] is None
-    # The bfloat16 path is added where the CPU computes bfloat16 natively (AVX-512 BF16, AMX).
-    extra = [BFLOAT16.name] if native_bfloat16("cpu") else []
-    assert [run["path"]["name"] for run in timed["runs"]] == [REFERENCE.name, OPTIMIZED.name, *extra]
+    # The bfloat16 paths are added where the CPU computes bfloat16 natively (AVX-512 BF16, AMX).
+    extra = [BFLOAT16.name, DEFAULT_BFLOAT16.name] if native_bfloat16("cpu") else []
+    assert [run["path"]["name"] for run in timed["runs"]] == [REFERENCE.name, OPTIMIZED.name, DEFAULT.name, *extra]
     assert timed["runs"][0]["windows"] == timed["runs"][1]["windows"] >= 1
     (entry,) = results["agreement"]
     reference, optimized, default, all_windows, fewer = entry["runs"][:5]
@@ -167,12 +168,17 @@ def test_quick_suite_reports_speed_and_agreement(tiny_bundle, tmp_path) -> None:
     assert reference["dice"] == [1.0] * 4 and reference["speedup"] == 1.0
     assert min(optimized["dice"]) > 0.99  # the same windows: the same labels
     assert all(0.0 <= d <= 1.0 for d in fewer["dice"] + default["dice"])
+    # The headline: the fastest timed path whose labels agree on the trained bundle, with its
+    # speed-up at the timed width.
+    reference_s = timed["runs"][0]["end_to_end_s"]
+    speedups = {run["path"]["name"]: reference_s / run["end_to_end_s"] for run in timed["runs"][1:]}
+    lowest_dice = {run["path"]["name"]: min(run["dice"]) for run in entry["runs"]}
+    agreeing = [name for name in speedups if lowest_dice[name] >= AGREEMENT_BAR]
+    assert OPTIMIZED.name in agreeing
     summary = results["summary"]
-    # Only the exact path was timed (and bfloat16, which a random network's near-tied logits
-    # keep below the bar), and it agrees: it is the headline, with the timed speed-up.
-    assert summary["path"] == OPTIMIZED.name and summary["qualified"]
-    assert summary["agreement"] == min(optimized["dice"])
-    assert summary["speedup"] == pytest.approx(timed["runs"][0]["end_to_end_s"] / timed["runs"][1]["end_to_end_s"])
+    assert summary["qualified"] and summary["path"] == max(agreeing, key=speedups.__getitem__)
+    assert summary["agreement"] == lowest_dice[summary["path"]]
+    assert summary["speedup"] == pytest.approx(speedups[summary["path"]])
     line = summary_line(results)
     assert line == f"speedup {summary['speedup']:.2f} agreement {summary['agreement']:.4f}"
     markdown = render_markdown(results)

@@ -6,6 +6,10 @@ oneDNN's 3-D convolutions run about 1.5x faster on channels-last activations (me
 network. :class:`LayoutAwareInstanceNorm3d` computes the statistics of a channels-last
 input with matrix products over its (voxels, channels) view instead, as fast as the
 contiguous case, so the convolutions keep their gain.
+
+Under bfloat16 autocast the statistics are computed outside autocast (it would round the
+matrix products' operands to bfloat16), and bfloat16 activations take ATen's group norm
+with one channel per group instead: see :meth:`LayoutAwareInstanceNorm3d.forward`.
 """
 
 from __future__ import annotations
@@ -54,8 +58,9 @@ class LayoutAwareInstanceNorm3d(nn.Module):
     Forward: (B, C, D, H, W) -> the same shape, dtype and memory format. A channels-last
     input is viewed as (B, N, C) with N = D * H * W: the per-channel mean is one matrix
     product with a row of ones, the biased variance the diagonal of the centred
-    (C, C) Gram matrix; the statistics accumulate in the input's dtype, float32 or wider
-    (under bfloat16 autocast, in float32).
+    (C, C) Gram matrix; the statistics accumulate in the input's dtype, float32 or wider,
+    also under bfloat16 autocast. Half-precision channels-last inputs are normalised by
+    ``F.group_norm`` with float32 statistics.
     """
 
     def __init__(self, eps: float = 1e-5) -> None:
@@ -71,6 +76,16 @@ class LayoutAwareInstanceNorm3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
             return F.instance_norm(x, eps=self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype in (torch.bfloat16, torch.float16):
+                # The activations hold about 3 significant digits, so ATen's float32 statistics
+                # are exact to well within what the output can store, and its channels-last
+                # kernel took 0.03 s against 0.21 s for the float64 partial sums below on a
+                # 96^3 x 48 window (2 AVX-512 cores): most of the time of --fast's network.
+                return F.group_norm(x, x.shape[1], eps=self.eps)
+            return self._channels_last(x)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, *sizes = x.shape
         voxels = x[0, 0].numel()
         work_dtype = torch.promote_types(x.dtype, torch.float32)

@@ -15,8 +15,9 @@ fit in memory, and large memory pages for big tensors:
   (:mod:`repux.infer.guided`) and the export of the organs' box only (:mod:`repux.infer.export`);
 - :data:`ALL_WINDOWS`: the same with every window of the grid (``repux segment --windows all``);
 - :data:`FEWER_WINDOWS`: the body crop and overlap 0.25 (the published validation setting);
-- :data:`BFLOAT16`: the reference's windows in bfloat16 (``repux segment --fast``), measured
-  only where the device computes bfloat16 natively;
+- :data:`BFLOAT16`: the reference's windows in bfloat16 (``repux segment --fast``'s network),
+  and :data:`DEFAULT_BFLOAT16`: all of ``repux segment --fast``, both measured only where the
+  device computes bfloat16 natively;
 - :data:`CPU_BACKEND_PATHS`: the reference's windows through the same rewrite exported to ONNX
   Runtime or OpenVINO (:mod:`repux.accel.backends`), in float32, in OpenVINO's bfloat16, and
   with 8-bit dense convolutions calibrated on phantoms other than the benchmark CT's.
@@ -38,6 +39,7 @@ __all__ = [
     "BFLOAT16",
     "CPU_BACKEND_PATHS",
     "DEFAULT",
+    "DEFAULT_BFLOAT16",
     "FEWER_WINDOWS",
     "OPTIMIZED",
     "REFERENCE",
@@ -145,6 +147,7 @@ FEWER_WINDOWS = SegmentationPath(
     large_pages=True,
 )
 BFLOAT16 = replace(OPTIMIZED, name="optimized, same windows, bfloat16", fast=True)
+DEFAULT_BFLOAT16 = replace(DEFAULT, name="repux segment --fast", fast=True)
 CPU_BACKEND_PATHS = (
     replace(OPTIMIZED, name="onnxruntime", backend="onnxruntime"),
     replace(OPTIMIZED, name="openvino", backend="openvino"),
