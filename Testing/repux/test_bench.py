@@ -163,6 +163,10 @@ def test_quick_suite_reports_speed_and_agreement(tiny_bundle, tmp_path) -> None:
     reference, optimized, default, all_windows, fewer = entry["runs"][:5]
     assert [run["path"]["name"] for run in entry["runs"][5:]] == extra
     assert reference["windows"] == optimized["windows"] >= 1 and fewer["windows"] <= all_windows["windows"]
+    # Each trained-bundle path runs twice: keeping its probabilities for the comparison, then
+    # timed keeping only its labels (as repux segment does); random-weight timing runs once.
+    assert all(run["with_probabilities"]["end_to_end_s"] > 0 for run in entry["runs"])
+    assert not any("with_probabilities" in run for run in timed["runs"])
     # Organ-guided windows run at most the full grid, which the same crop with all windows runs.
     assert default["windows"] <= default["windows_total"] == all_windows["windows"] == all_windows["windows_total"]
     assert reference["dice"] == [1.0] * 4 and reference["speedup"] == 1.0

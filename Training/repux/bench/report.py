@@ -146,7 +146,8 @@ def _agreement(results: dict[str, Any]) -> list[str]:
         "",
         f"Input: {_region(settings['agreement_region'])}. Dice between each path's label map and the "
         "reference's (1.0 where both leave a label out), and the largest difference of any probability "
-        "on the input grid. Peak RSS here includes keeping the probabilities for this comparison.",
+        "on the input grid (from a run of each path that keeps them). Times, peak RSS and labels are of a "
+        "second run that keeps only the labels, as `repux segment` does.",
         "",
     ]
     for entry in results["agreement"]:
