@@ -121,3 +121,26 @@ def test_parallel_axes_are_interpolated_separably_as_grid_sample_does(
     assert (general == -1.0).sum() > 0 and (general != -1.0).sum() > 0
     torch.testing.assert_close(separable, general, rtol=0, atol=1e-4)
     assert torch.equal(separable == -1.0, general == -1.0)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.arange(60, dtype=np.int16).reshape(5, 4, 3) - 30,  # what CTs hold: torch converts in place
+        np.arange(60, dtype=np.float32).reshape(5, 4, 3),  # nothing to convert: still a copy
+        np.arange(60, dtype=">i2").reshape(5, 4, 3),  # big-endian (some NIfTI files): numpy converts
+        np.arange(60, dtype=np.uint16).reshape(5, 4, 3),  # a type torch does not read: numpy converts
+        np.arange(120, dtype=np.int16).reshape(5, 4, 6)[:, :, ::2],  # a strided view
+    ],
+)
+@pytest.mark.parametrize("permutation", [(0, 1, 2), (1, 0, 2), (2, 0, 1)])
+def test_reoriented_float32_is_a_new_contiguous_copy_of_the_reoriented_values(array, permutation):
+    from repux.infer.preprocess import reoriented_float32
+
+    flips = np.eye(3) if permutation == (0, 1, 2) else np.diag([-1.0, 1.0, 1.0])  # RAS already: nothing to move
+    direction = np.eye(3)[:, list(permutation)] @ flips
+    reorientation = AxisReorientation.towards(_grid(array.shape, (1.0, 1.0, 1.0), direction), "RAS")
+    got = reoriented_float32(array, reorientation)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    np.testing.assert_array_equal(got.numpy(), reorientation.apply(array.astype(np.float64)))
+    assert not np.shares_memory(got.numpy(), array)

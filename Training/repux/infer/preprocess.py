@@ -159,23 +159,36 @@ def plan_grids(volume: Volume, config: PreprocessingConfig) -> tuple[AxisReorien
     return reorientation, input_grid, model_grid(input_grid, config.spacing, config.orientation)
 
 
+def reoriented_float32(array: np.ndarray, reorientation: AxisReorientation) -> torch.Tensor:
+    """``array`` (I, J, K) reoriented, as a new contiguous float32 tensor on the CPU.
+
+    Converted by torch where it can read the array in place: its copy runs on every core,
+    2.5x faster than numpy's on a 512 x 512 x 200 CT with swapped axes (2 cores).
+    """
+    readable = array.flags.c_contiguous and array.flags.writeable and array.dtype.isnative
+    if readable and array.dtype in (np.int16, np.uint8, np.int8, np.int32, np.float32, np.float64):
+        tensor = reorientation.apply(torch.from_numpy(array))
+        # A float32 array with nothing to reorient would come back as itself: never alias the caller's data.
+        return tensor.to(torch.float32, memory_format=torch.contiguous_format, copy=tensor.dtype == torch.float32)
+    return torch.from_numpy(np.ascontiguousarray(reorientation.apply(array), dtype=np.float32))
+
+
 def preprocess(volume: Volume, config: PreprocessingConfig, device: torch.device | str = "cpu") -> Preprocessed:
     """Turn ``volume`` (HU) into the network input; resampling runs on ``device``.
 
     The returned image lives on the CPU (sliding-window inference moves windows).
     """
     reorientation, input_grid, grid = plan_grids(volume, config)
-    array = np.ascontiguousarray(reorientation.apply(volume.array), dtype=np.float32)
-    hu = torch.from_numpy(array).to(device)[None]
-    # Outside the input's field of view is air: the image's own minimum.
-    hu = resample(hu, input_grid, grid, mode="linear", fill=float(array.min()))[0]
+    hu = reoriented_float32(volume.array, reorientation).to(device)[None]
+    air = float(hu.min())  # outside the input's field of view is air: the image's own minimum
+    hu = resample(hu, input_grid, grid, mode="linear", fill=air)[0]
     margin = np.ceil(config.body_margin_mm / grid.spacing).astype(int)
     crop_start, crop_shape = _body_box(hu, config.body_threshold, margin)
     box = tuple(slice(a, a + n) for a, n in zip(crop_start, crop_shape))
     image = config.window(hu[box])
     target = padded_shape(crop_shape, config.patch_size)
     pad_before = tuple((t - n) // 2 for t, n in zip(target, crop_shape))
-    padded = torch.full(target, float(config.window(torch.tensor(float(array.min())))), dtype=torch.float32)
+    padded = torch.full(target, float(config.window(torch.tensor(air))), dtype=torch.float32)
     padded[tuple(slice(b, b + n) for b, n in zip(pad_before, crop_shape))] = image.float().cpu()
     return Preprocessed(
         image=padded[None, None],
