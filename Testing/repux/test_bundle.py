@@ -143,6 +143,33 @@ def test_round_trip_keeps_weights_metadata_and_outputs(tmp_path: Path, arch: str
         assert torch.equal(rebuilt(x), network(x))
 
 
+def test_built_network_owns_its_weights_and_trains(tmp_path: Path, saved: tuple[Path, Any]) -> None:
+    # The network is built on the meta device and takes the file's tensors: they must be its
+    # own (training it never changes the bundle) and trainable.
+    bundle = load_bundle(copy_bundle(saved[0], tmp_path))
+    network = bundle.build_network()
+    assert all(p.requires_grad and p.device.type == "cpu" for p in network.parameters())
+    before = bundle.state_dict()
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(value, bundle.state_dict()[key]) for key, value in before.items())
+
+
+def test_a_network_tensor_the_weights_do_not_hold_is_an_error(
+    tmp_path: Path, saved: tuple[Path, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A buffer outside the state_dict (persistent=False) would stay on the meta device, without values.
+    def with_extra_buffer(arch: str, **config: Any) -> torch.nn.Module:
+        network = build_network(arch, **config)
+        network.register_buffer("scratch", torch.zeros(3), persistent=False)
+        return network
+
+    monkeypatch.setattr(repux.bundle.store, "build_network", with_extra_buffer)
+    with pytest.raises(BundleError, match="no values for scratch"):
+        load_bundle(saved[0]).build_network()
+
+
 def test_float16_bundle_is_smaller_and_loads_as_float32(tmp_path: Path, saved: tuple[Path, Any]) -> None:
     folder32, network = saved
     folder16 = save_bundle(network, metadata_for(network), tmp_path / "half", weights_dtype="float16")
