@@ -284,6 +284,16 @@ def test_optimized_repuxnet_computes_the_same_function_and_leaves_the_original()
     assert len(optimized.report.layers) == 6 and all("BatchNorm folded" in line for line in optimized.report.layers)
 
 
+def test_in_place_optimization_rewrites_the_network_itself_with_the_same_function() -> None:
+    net = randomized(RepUXNet(**TINY_REPUX), seed=9).eval()
+    x = torch.randn(TINY_INPUT)
+    with torch.inference_mode():
+        expected = optimize_for_inference(net)(x)
+        optimized = optimize_for_inference(net, in_place=True)
+        assert optimized.network is net  # consumed: no copy of its weights
+        assert torch.equal(optimized(x), expected)
+
+
 def test_kernels_zero_outside_the_centre_are_trimmed_per_conv() -> None:
     torch.manual_seed(8)
     net = randomized(RepUXNet(**TINY_REPUX), seed=8)

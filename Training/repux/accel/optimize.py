@@ -174,22 +174,26 @@ def optimize_for_inference(
     network: nn.Module,
     device: torch.device | str = "cpu",
     options: InferenceOptions | None = None,
+    in_place: bool = False,
 ) -> OptimizedNetwork:
     """An eval-mode copy of ``network`` that computes the same function faster on ``device``.
 
-    ``network`` itself is left unchanged. Input and output are those of ``network`` (output
-    always float32, contiguous).
+    ``network`` itself is left unchanged unless ``in_place``. Input and output are those of
+    ``network`` (output always float32, contiguous).
 
     Args:
         network: a RepUX-Net or 3D UX-Net (other modules pass through unchanged but for the
             memory format and precision options).
         device: where the copy will run (decides bf16 availability).
         options: :class:`InferenceOptions`; defaults are exact rewrites in float32.
+        in_place: rewrite ``network`` itself, which is then consumed (its modules are
+            replaced): no copy of every weight (0.17 s and 260 MB at the paper's width), for
+            a caller that built the network only to optimize it.
     """
     options = options or InferenceOptions()
     device = torch.device(device)
     report = OptimizationReport()
-    rewritten = copy.deepcopy(network).eval()
+    rewritten = (network if in_place else copy.deepcopy(network)).eval()
     with torch.no_grad():
         _rewrite_blocks(rewritten, options, report)
     rewritten = rewritten.to(device)

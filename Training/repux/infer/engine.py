@@ -181,7 +181,7 @@ class Segmenter:
             model = bundle.build_network(device="cpu")
             if optimize:
                 # Exact float32 rewrites; bf16 (fast) is the WindowPredictor's, on whichever device it runs.
-                model = optimize_for_inference(model, self.device, InferenceOptions())
+                model = optimize_for_inference(model, self.device, InferenceOptions(), in_place=True)
         self.predictor = WindowPredictor(model, self.device, fast, mirror=mirror, channels=self.out_chans)
         self.fast = fast
 
