@@ -1017,7 +1017,8 @@ class RepUXSegmentLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def speedOptions(fast: bool) -> dict:
         """``repux segment`` options of the speed/quality choice: fewer overlapping windows and
-        bfloat16 where the device computes it natively (CUDA, CPUs with AVX-512 BF16 or AMX) when ``fast``, the bundle's own settings otherwise."""
+        bfloat16 where the device computes it natively (CUDA, CPUs with AVX-512 BF16 or AMX)
+        when ``fast``, the bundle's own settings otherwise."""
         return {"fast": True, "overlap": FAST_OVERLAP} if fast else {}
 
     # -- the GUI-free logic -------------------------------------------------------------
