@@ -229,6 +229,8 @@ def take_run(run: Path) -> bool:
     A lock whose holder has died (a hard kill, a reboot) is taken over, so a crash never
     leaves a run orphaned.
     """
+    from repux.atomic import process_alive
+
     run.mkdir(parents=True, exist_ok=True)
     lock = run / "harness.lock"
     while True:
@@ -241,7 +243,7 @@ def take_run(run: Path) -> bool:
                 holder = 0  # released or half-written just now: look again
             if holder == os.getpid():
                 return True
-            if holder and _alive(holder):
+            if holder and process_alive(holder):
                 return False
             lock.unlink(missing_ok=True)
             continue
@@ -252,16 +254,6 @@ def take_run(run: Path) -> bool:
 
 def release_run(run: Path) -> None:
     (run / "harness.lock").unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's live process
-    return True
 
 
 def train_run(work: Workdir, spec: RunSpec, deadline: float | None) -> None:

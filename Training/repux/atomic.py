@@ -59,7 +59,8 @@ def _temp_sibling(path: Path) -> Path:
     return path.with_name(f".{_temp_stem(stem, ending)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{ending}")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (this one included; another user's counts as running)."""
     if pid == os.getpid():
         return True
     if sys.platform == "win32":
@@ -98,7 +99,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         return removed
     for sibling in siblings:
         match = pattern.fullmatch(sibling.name)
-        if match is None or _process_alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         try:
             if time.time() - sibling.lstat().st_mtime < STALE_AFTER_S:
