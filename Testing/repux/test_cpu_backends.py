@@ -154,3 +154,53 @@ def test_segmenter_refuses_a_backend_it_cannot_run(tmp_path, capsys) -> None:
     code = main(["segment", str(ct), "--model", str(folder), "-o", str(out), "--backend", "openvino", "--plain-network"])
     assert code == 2 and "not with --plain-network" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", pytest.param("openvino", marks=needs_openvino)])
+def test_a_cached_export_is_reused_and_computes_the_same(network, windows, backend, tmp_path, monkeypatch) -> None:
+    import repux.accel.backends as backends
+
+    cache = tmp_path / "export"
+    first = backend_network(network, backend, WINDOW, threads=1, cache=cache)
+    assert (cache / "network.onnx").is_file() and not list(cache.glob(".*tmp*"))
+    if backend == "openvino":  # OpenVINO kept its compiled network there too
+        assert any(path.is_file() for path in (cache / "openvino").iterdir())
+
+    def no_export(*_args, **_kwargs):
+        raise AssertionError("exported again despite the cache")
+
+    monkeypatch.setattr(backends, "export_onnx", no_export)
+    again = backend_network(network, backend, WINDOW, threads=1, cache=cache)
+    assert torch.equal(again(windows), first(windows))
+    with pytest.raises(ValueError, match="cache key does not cover the calibration"):
+        backend_network(network, backend, WINDOW, quantize=True, calibration=[], cache=cache)
+
+
+def test_export_cache_key_follows_the_weights_and_the_window(tmp_path) -> None:
+    from repux.accel.backends import export_cache_key
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    key = export_cache_key(weights, WINDOW, 1)
+    assert key == export_cache_key(weights, WINDOW, 1)
+    assert key != export_cache_key(weights, (48, 48, 48), 1) and key != export_cache_key(weights, WINDOW, 2)
+    weights.write_bytes(b"weighty")
+    assert key != export_cache_key(weights, WINDOW, 1)
+
+
+@needs_openvino
+def test_repux_segment_on_openvino_keeps_its_export_in_the_models_folder(tmp_path, monkeypatch) -> None:
+    folder = save_tiny_bundle(tmp_path / "tiny", spacing=(8.0, 8.0, 8.0))
+    image, _ = make_phantom(3, shape=(32, 32, 16), spacing=(4.0, 4.0, 6.0))
+    ct = tmp_path / "ct.nii.gz"
+    write_volume(image, ct)
+    monkeypatch.setenv("REPUX_MODELS_DIR", str(tmp_path / "models"))
+    outputs = [tmp_path / "first.nii.gz", tmp_path / "second.nii.gz"]
+    assert main(["segment", str(ct), "--model", str(folder), "-o", str(outputs[0]), "--backend", "openvino"]) == 0
+    (export,) = (tmp_path / "models" / ".exports").iterdir()
+    made = (export / "network.onnx").stat().st_mtime_ns
+    assert main(["segment", str(ct), "--model", str(folder), "-o", str(outputs[1]), "--backend", "openvino"]) == 0
+    assert (export / "network.onnx").stat().st_mtime_ns == made  # read, not written again
+    from repux.imageio import read_volume
+
+    assert np.array_equal(read_volume(outputs[0]).array, read_volume(outputs[1]).array)

@@ -13,6 +13,11 @@ memory format; the runtimes pick their own layouts). ``quantize=True`` adds 8-bi
 post-training quantization of the dense convolutions (ONNX Runtime's static quantizer,
 QDQ format, per-channel weights), calibrated on windows the caller provides (phantoms).
 
+An export costs 10-45 s (the trace, and OpenVINO's compilation), so a caller that runs the
+same network again passes a ``cache`` folder (:func:`export_cache_key` names one per weights
+and window shape): the ONNX file is written there once, atomically, and OpenVINO keeps its
+compiled network there (its ``CACHE_DIR``); later builds read both instead.
+
 The runtimes are the optional extra ``cpu-backends`` (``pip install repux[cpu-backends]``);
 :func:`backend_available` says whether one is installed. The optimized network runs on the
 CPU only here: the runtimes' GPU builds are not part of that extra.
@@ -21,7 +26,9 @@ CPU only here: the runtimes' GPU builds are not part of that extra.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable
@@ -30,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from repux.atomic import atomic_path
 
 from .constant_inputs import ConstantInputMemo
 from .depthwise import DepthwiseConv3d
@@ -41,6 +50,7 @@ __all__ = [
     "BackendNetwork",
     "backend_available",
     "backend_network",
+    "export_cache_key",
     "export_onnx",
     "quantize_dense_convolutions",
 ]
@@ -121,6 +131,23 @@ def export_onnx(network: nn.Module, window: tuple[int, ...], in_chans: int, path
     return path
 
 
+def export_cache_key(weights: Path, window: tuple[int, ...], in_chans: int) -> str:
+    """A name for the export of the network in ``weights`` (a file) for windows of shape ``window``.
+
+    It changes with the weights' bytes, the window, the input channels and the versions of
+    everything that shapes the export (repux, torch, the ONNX opset).
+    """
+    import repux
+
+    digest = hashlib.sha256()
+    with open(weights, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    recipe = {"window": list(window), "in_chans": in_chans, "opset": ONNX_OPSET, "repux": repux.__version__, "torch": torch.__version__}
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    return digest.hexdigest()[:32]
+
+
 class _Calibration:
     """ONNX Runtime's CalibrationDataReader protocol over a list of (1, C, D, H, W) windows."""
 
@@ -179,7 +206,9 @@ def _onnxruntime_runner(model_path: Path, threads: int) -> Callable[[np.ndarray]
     return lambda windows: session.run(["logits"], {"windows": windows})[0]
 
 
-def _openvino_runner(model_path: Path, threads: int, precision: str) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino_runner(
+    model_path: Path, threads: int, precision: str, cache: Path | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
     import openvino
 
     core = openvino.Core()
@@ -190,13 +219,27 @@ def _openvino_runner(model_path: Path, threads: int, precision: str) -> Callable
         "INFERENCE_NUM_THREADS": threads,
         "INFERENCE_PRECISION_HINT": precision,
     }
-    compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+    if cache is not None:
+        # Compiled from the file's path, a cached blob (keyed by the file and this config) is
+        # imported without reading or compiling the model again.
+        config["CACHE_DIR"] = str(cache)
+        compiled = core.compile_model(str(model_path), "CPU", config)
+    else:
+        compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(windows: np.ndarray) -> np.ndarray:
         return np.array(request.infer({0: windows})[compiled.output(0)])
 
     return run
+
+
+def _runner(
+    backend: str, model_path: Path, threads: int, precision: str, compiled_cache: Path | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    if backend == "onnxruntime":
+        return _onnxruntime_runner(model_path, threads)
+    return _openvino_runner(model_path, threads, "f32" if precision == "float32" else "bf16", compiled_cache)
 
 
 class BackendNetwork(nn.Module):
@@ -235,6 +278,7 @@ def backend_network(
     precision: str = "float32",
     threads: int | None = None,
     workdir: Path | None = None,
+    cache: Path | None = None,
 ) -> BackendNetwork:
     """``network`` (a RepUX-Net or 3D UX-Net, float32) running on ``backend`` for windows of shape ``window``.
 
@@ -248,6 +292,9 @@ def backend_network(
         precision: OpenVINO's inference precision, "float32" or "bfloat16" (ONNX Runtime: float32 only).
         threads: compute threads (default: torch's).
         workdir: where the ONNX files go (default: a temporary folder removed once loaded).
+        cache: a folder for this network and window (see :func:`export_cache_key`): its ONNX
+            file is read from there, or exported there once; OpenVINO keeps its compiled
+            network there. Not with ``quantize``, whose calibration the key does not cover.
 
     Raises:
         ImportError: the backend's runtime is not installed (the ``cpu-backends`` extra).
@@ -259,14 +306,20 @@ def backend_network(
         raise ValueError(f"precision {precision!r} with backend {backend!r}: expected float32 (or bfloat16 on openvino)")
     if quantize and calibration is None:
         raise ValueError("quantize=True needs calibration windows")
+    if quantize and cache is not None:
+        raise ValueError("quantize=True with a cache: the cache key does not cover the calibration")
     threads = threads or torch.get_num_threads()
+    description = f"{backend}, {precision}" + (", int8 dense convolutions" if quantize else "")
+    if cache is not None:
+        model_path = cache / "network.onnx"
+        if not model_path.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            with atomic_path(model_path, overwrite=True) as temporary:
+                export_onnx(network, tuple(window), in_chans, Path(temporary))
+        return BackendNetwork(_runner(backend, model_path, threads, precision, cache / "openvino"), backend, description)
     with tempfile.TemporaryDirectory(prefix="repux-onnx-", dir=workdir) as folder:
         model_path = export_onnx(network, tuple(window), in_chans, Path(folder) / "network.onnx")
         if quantize:
             model_path = quantize_dense_convolutions(model_path, calibration, Path(folder) / "network-int8.onnx")
-        if backend == "onnxruntime":
-            run = _onnxruntime_runner(model_path, threads)
-        else:
-            run = _openvino_runner(model_path, threads, "f32" if precision == "float32" else "bf16")
-    description = f"{backend}, {precision}" + (", int8 dense convolutions" if quantize else "")
+        run = _runner(backend, model_path, threads, precision, None)  # loaded: the files may go
     return BackendNetwork(run, backend, description)

@@ -63,8 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=("torch", "openvino"),
         default="torch",
-        help="CPU runtime of the optimized network: torch (default) or openvino (exported at start, ~10-40 s; "
-        "faster windows on a CPU, see the README's Speed section; needs the cpu-backends extra)",
+        help="CPU runtime of the optimized network: torch (default) or openvino (exported the first time for a "
+        "model, ~10-45 s, and kept in the models folder's .exports; faster windows on a CPU, see the README's "
+        "Speed section; needs the cpu-backends extra)",
     )
     parser.add_argument(
         "--plain-network",
@@ -259,6 +260,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
                 raise FileExistsError(f"{path}: already exists; refusing to overwrite it (use --force)")
 
     from repux.bundle import load_bundle  # torch from here on
+    from repux.hub.folders import EXPORTS_SUBDIR, models_dir
     from repux.infer import Segmenter, check_modality
 
     bundle = load_bundle(args.model)
@@ -275,6 +277,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         mirror=args.tta == "flips",
         backend=args.backend,
         windows=args.windows,
+        backend_cache=models_dir() / EXPORTS_SUBDIR,
     )
 
     rows, review_rows, written, skipped, failed = [], [], [], [], []

@@ -3,8 +3,8 @@
 ``$REPUX_MODELS_DIR``, else the folder a caller passes (the Slicer module passes its
 setting), else ``~/.repux/models``. Each installed model is one bundle folder in it, named
 after the model. Unfinished downloads wait in its ``.downloads`` subfolder as ``NAME.part``
-files (resumed by the next ``repux models pull NAME``); folders starting with a dot are
-never models. Torch-free: the Slicer GUI process imports this.
+files (resumed by the next ``repux models pull NAME``), and exports for other runtimes in
+its ``.exports`` subfolder; folders starting with a dot are never models. Torch-free: the Slicer GUI process imports this.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ DEFAULT_USER_MODELS_DIR = Path("~/.repux/models")
 WORK_SUFFIX = ".work"
 #: Subfolder of the models folder that holds partial downloads.
 DOWNLOADS_SUBDIR = ".downloads"
+#: Subfolder of the models folder that keeps models exported for another CPU runtime
+#: (``repux segment --backend openvino``), one folder per weights and window; safe to delete.
+EXPORTS_SUBDIR = ".exports"
 
 
 def models_dir(chosen: str | os.PathLike | None = None) -> Path:

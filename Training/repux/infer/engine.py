@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -134,6 +135,9 @@ class Segmenter:
             its 8 mirror images, 8 times the network's work.
         backend: "torch", or "openvino": the optimized network exported to OpenVINO
             (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
+        backend_cache: a folder where that export is kept between runs, in a subfolder per
+            weights and window (:func:`~repux.accel.backends.export_cache_key`); None:
+            exported afresh each time.
         windows: "organs": organ-guided windows (:mod:`~repux.infer.guided`; not with a
             region of interest, which runs its own windows); "all": every window of the grid
             (MONAI's ``sliding_window_inference``).
@@ -155,6 +159,7 @@ class Segmenter:
         backend: str = "torch",
         windows: str = DEFAULT_WINDOWS,
         export_everywhere: bool = False,
+        backend_cache: Path | None = None,
     ) -> None:
         check_overlap(overlap)
         self.windows = check_windows(windows)
@@ -176,7 +181,7 @@ class Segmenter:
         self.out_chans = int(metadata.network["out_chans"])
         model = network
         if backend != "torch":
-            model = self._backend_network(backend, network, optimize, fast)
+            model = self._backend_network(backend, network, optimize, fast, backend_cache)
         if model is None:
             model = bundle.build_network(device="cpu")
             if optimize:
@@ -185,14 +190,16 @@ class Segmenter:
         self.predictor = WindowPredictor(model, self.device, fast, mirror=mirror, channels=self.out_chans)
         self.fast = fast
 
-    def _backend_network(self, backend: str, network: nn.Module | None, optimize: bool, fast: bool) -> nn.Module:
+    def _backend_network(
+        self, backend: str, network: nn.Module | None, optimize: bool, fast: bool, cache: Path | None
+    ) -> nn.Module:
         """The bundle's network exported to ``backend`` for the sliding windows' shape.
 
         Raises:
             InputError: a backend that is unknown, not installed, not on a CPU, or combined
                 with ``network`` or ``optimize=False``.
         """
-        from repux.accel.backends import BACKENDS, backend_available, backend_network
+        from repux.accel.backends import BACKENDS, backend_available, backend_network, export_cache_key
 
         if backend not in BACKENDS:
             raise InputError(f"--backend {backend}: expected torch or one of {', '.join(BACKENDS)}")
@@ -202,13 +209,16 @@ class Segmenter:
             raise InputError(f"--backend {backend}: runs the bundle's optimized network (not with --plain-network)")
         if not backend_available(backend):
             raise InputError(f"--backend {backend}: not installed; pip install 'repux[cpu-backends]'")
-        metadata = self.bundle.metadata
+        in_chans = int(self.bundle.metadata.network["in_chans"])
+        if cache is not None:
+            cache = cache / export_cache_key(self.bundle.weights_path, self.window.patch_size, in_chans)
         return backend_network(
             self.bundle.build_network(device="cpu"),
             backend,
             self.window.patch_size,
-            int(metadata.network["in_chans"]),
+            in_chans,
             precision="bfloat16" if fast and backend == "openvino" and native_bfloat16("cpu") else "float32",
+            cache=cache,
         )
 
     def _require_memory(self, volume: Volume, probabilities: bool, review: bool, source: str) -> None:
