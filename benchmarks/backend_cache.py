@@ -67,8 +67,9 @@ def main() -> None:
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "load_average": os.getloadavg()},
         "date": time.strftime("%Y-%m-%d"),
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.with_suffix(".json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    from repux.atomic import atomic_path, write_json
+
+    write_json(results, RESULTS.with_suffix(".json"))
     lines = [
         f"# OpenVINO export kept between runs ({args.model}, {results['date']})",
         "",
@@ -84,7 +85,8 @@ def main() -> None:
         f"(**{median['uncached'] / median['warm']:.1f}x**). Load average at the end {results['machine']['load_average'][0]:.1f} "
         f"on {results['machine']['cores']} cores.",
     ]
-    RESULTS.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_path(RESULTS.with_suffix(".md"), overwrite=True) as temporary:
+        Path(temporary).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
 
