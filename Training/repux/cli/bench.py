@@ -47,7 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--quick",
         action="store_true",
         help="reduced version (half-resolution CT, a four-window region timed, dense kernels only): "
-        "about 3 minutes on 2 cores",
+        "about 4 minutes on 2 cores",
     )
     parser.add_argument(
         "--cpu-backends",
