@@ -483,6 +483,15 @@ def _value(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def still_improving(runs: list[dict[str, Any]], patience: int) -> list[dict[str, Any]]:
+    """Finished runs that ended at the budget less than ``patience`` iterations after their best validation."""
+    return [
+        r for r in runs
+        if r["status"] == "finished" and not r["stopped_early"] and r["best_iteration"] is not None
+        and r["iterations"] - r["best_iteration"] < patience
+    ]  # fmt: skip
+
+
 def markdown(report: dict[str, Any]) -> str:
     runs, summary, p = report["runs"], report["summary"], report["protocol"]
     finished = sum(r["status"] == "finished" for r in runs)
@@ -532,6 +541,16 @@ def markdown(report: dict[str, Any]) -> str:
     for name, stats in summary["paired_differences"].items():
         spread = f" (min {stats['min']:+.3f}, max {stats['max']:+.3f})" if stats["n"] else ""
         lines.append(f"- {name}: {_cell(stats)} over {stats['n']} seeds{spread}")
+    improving = still_improving(runs, p["patience"])
+    if improving:
+        named = ", ".join(f"{r['name']} (best at {r['best_iteration']})" for r in improving)
+        lines += [
+            "",
+            f"Still improving at the budget of {p['iterations']} iterations (best validation within the last "
+            f"{p['patience']}): {named}. "
+            "Their scores may rise with a longer budget: start the harness again with a higher `--iterations` "
+            "to continue them.",
+        ]
     lines += [
         "",
         "## Large kernels",

@@ -83,11 +83,32 @@ def test_quick_ablation_reports_and_resumes(tmp_path):
     assert refused.returncode != 0 and "other trainval" in refused.stderr
 
 
-def test_a_run_held_by_a_live_harness_is_left_to_it_and_a_dead_ones_is_taken_over(tmp_path, monkeypatch):
+def load_harness(monkeypatch):
     spec = importlib.util.spec_from_file_location("bfr_ablation", SCRIPT)
     ablation = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "bfr_ablation", ablation)  # its dataclasses look themselves up there
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_runs_still_improving_at_the_budget_are_named(monkeypatch):
+    ablation = load_harness(monkeypatch)
+
+    def run(name, status="finished", iterations=2400, best=2000, stopped=False):
+        return {"name": name, "status": status, "iterations": iterations, "best_iteration": best, "stopped_early": stopped}
+
+    runs = [
+        run("late-best", best=2300),  # 100 iterations after its best: still improving
+        run("settled", best=1700),  # 700 > patience: it had stopped improving
+        run("patience", iterations=1100, best=500, stopped=True),
+        run("unfinished", status="unfinished", iterations=900, best=900),
+        run("at-the-end", best=2400),
+    ]
+    assert [r["name"] for r in ablation.still_improving(runs, patience=600)] == ["late-best", "at-the-end"]
+
+
+def test_a_run_held_by_a_live_harness_is_left_to_it_and_a_dead_ones_is_taken_over(tmp_path, monkeypatch):
+    ablation = load_harness(monkeypatch)
     run = tmp_path / "runs" / "adamw-a1-s1"
     run.mkdir(parents=True)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
