@@ -6,7 +6,10 @@ checkpoints under ``WORKDIR/runs/NAME/``; its ``--progress jsonl`` records are a
 ``train.jsonl`` there. Started again, the harness skips finished runs, resumes unfinished
 ones from their checkpoint (``repux train --resume``) and carries on down the plan, so the
 ablation can span many sessions; raising ``--iterations`` or ``--patience`` continues runs
-that stopped under the old budget. ``--stop-at HH:MM`` (UTC) ends the current run cleanly
+that stopped under the old budget. The work dir stays on its machine, but the report at
+``--out`` (the committed one by default) carries the finished runs: a new work dir takes
+them from it and trains only the rest (an unfinished run's checkpoint does not travel, so it
+starts again). ``--stop-at HH:MM`` (UTC) ends the current run cleanly
 (SIGTERM: it writes a checkpoint) and writes the report; ``--report-only`` writes the report
 from whatever exists, also while another harness is training. Several harnesses may share a
 work dir (one per core, each with ``OMP_NUM_THREADS=1``): each takes the next run that no
@@ -171,6 +174,49 @@ class Workdir:
             sys.exit(f"{self.test}: shares phantom seeds {sorted(seeds[0] & seeds[1])} with {self.trainval}")
 
 
+# -- runs an earlier report recorded -------------------------------------------------------
+#: A run carried from an earlier report: that report's record of it, in the run's folder.
+RECORDED = "recorded.json"
+
+
+def adopt_recorded(work: Workdir, report_path: Path) -> None:
+    """Carry the finished runs of an earlier report (the committed one) into ``work``.
+
+    A work dir lives on one machine and the report in the repository, so on a new machine the
+    ablation goes on from the report instead of training its finished runs again. Nothing is
+    carried from a report of another experiment (a FIXED setting differs); a run the work dir
+    trained itself is never replaced. A new work dir also takes the report's invocations, so
+    the next report keeps the whole history.
+    """
+    report = _read_json(report_path)
+    if report is None:
+        return
+    current = dataclasses.asdict(work.protocol)
+    changed = [key for key in FIXED if report["protocol"].get(key) != current[key]]
+    if changed:
+        print(f"== {report_path}: made with other {', '.join(changed)}; none of its runs carried", file=sys.stderr)
+        return
+    invocations = work.root / "invocations.json"
+    if not invocations.exists():
+        _write_json(report["invocations"], invocations)
+    for record in report["runs"]:
+        run = work.root / "runs" / record["name"]
+        if record["status"] == "finished" and not (run / "train.jsonl").exists() and not (run / RECORDED).exists():
+            run.mkdir(parents=True, exist_ok=True)
+            _write_json(record, run / RECORDED)
+            print(f"== {record['name']}: finished in {report_path.name}; carried, not trained again", file=sys.stderr)
+
+
+def recorded_run(work: Workdir, spec: RunSpec) -> dict[str, Any] | None:
+    """The carried record of a run the work dir has not trained itself, if it is finished under
+    the current budget and patience (a raised budget trains it again from the start)."""
+    run = work.run_dir(spec)
+    record = _read_json(run / RECORDED)
+    if record is None or (run / "train.jsonl").exists():
+        return None
+    return record if ended_under(work.protocol, record["iterations"], record["best_iteration"], record["stopped_early"]) else None
+
+
 # -- one run ----------------------------------------------------------------------------------
 def train_command(work: Workdir, spec: RunSpec, force: bool) -> list[str]:
     """The ``repux train`` command of a run (always --resume: a run without a checkpoint starts fresh)."""
@@ -195,10 +241,15 @@ def training_finished(provenance: dict[str, Any] | None, protocol: Protocol) -> 
     """A bundle exists and its run used the whole budget or stopped by the current patience."""
     if provenance is None:
         return False
-    if provenance["iterations"] >= protocol.iterations:
+    return ended_under(protocol, provenance["iterations"], provenance["exported_iteration"], provenance.get("stopped_early"))
+
+
+def ended_under(protocol: Protocol, iterations: int, best_iteration: int | None, stopped_early: bool | None) -> bool:
+    """A run that trained ``iterations`` and validated best at ``best_iteration`` is done under
+    ``protocol``: it spent the budget, or stopped early after at least the current patience."""
+    if iterations >= protocol.iterations:
         return True
-    stalled = provenance["iterations"] - provenance["exported_iteration"]
-    return bool(provenance.get("stopped_early")) and stalled >= protocol.patience
+    return bool(stopped_early) and best_iteration is not None and iterations - best_iteration >= protocol.patience
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -382,6 +433,9 @@ def curves(records: list[dict[str, Any]], every: int = 25) -> dict[str, list]:
 
 def collect(work: Workdir, spec: RunSpec) -> dict[str, Any]:
     """Everything known about one run, finished or not."""
+    recorded = recorded_run(work, spec)
+    if recorded is not None:
+        return recorded
     run = work.run_dir(spec)
     records = read_records(run / "train.jsonl")
     provenance = bundle_provenance(run)
@@ -740,6 +794,7 @@ def main() -> None:
     work = Workdir(args.workdir.resolve(), protocol)
     work.check_protocol()
     out = args.out or (work.root / "report" if args.quick else RESULTS)
+    adopt_recorded(work, out.with_suffix(".json"))
     if not args.report_only:
         invocations = _read_json(work.root / "invocations.json") or []
         _write_json(invocations + [shlex.join(["python", "benchmarks/bfr_ablation.py", *sys.argv[1:]])],
@@ -750,6 +805,8 @@ def main() -> None:
         try:
             for spec in plan(protocol):
                 run = work.run_dir(spec)
+                if recorded_run(work, spec) is not None:
+                    continue
                 if not take_run(run):
                     print(f"== {spec.name}: another harness holds it; next run", file=sys.stderr, flush=True)
                     continue

@@ -1,6 +1,6 @@
 """benchmarks/bfr_ablation.py --quick end to end: real ``repux train`` runs on tiny phantoms,
-a report that is well-formed, and a second start that skips finished runs and resumes an
-unfinished one from its checkpoint."""
+a report that is well-formed, a second start that skips finished runs and resumes an
+unfinished one from its checkpoint, and a new work dir that goes on from the report."""
 
 from __future__ import annotations
 
@@ -81,6 +81,23 @@ def test_quick_ablation_reports_and_resumes(tmp_path):
     # The experiment's fixed settings cannot change under the same work dir.
     refused = subprocess.run([sys.executable, str(SCRIPT), "--workdir", str(work)], capture_output=True, text=True, env=ENV)
     assert refused.returncode != 0 and "other trainval" in refused.stderr
+
+    # A new work dir (another machine) goes on from the report: its finished runs are carried,
+    # not trained again, and the report keeps them and the earlier invocations.
+    moved = tmp_path / "moved"
+    result = harness("--quick", "--workdir", str(moved), "--out", str(out), "--report-only")
+    assert result.stderr.count("carried, not trained again") == len(RUNS)
+    carried = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["name"], r["status"], r["test"]["mean"]) for r in carried["runs"]] == [
+        (r["name"], r["status"], r["test"]["mean"]) for r in again["runs"]
+    ]
+    assert carried["invocations"] == again["invocations"]
+    harness("--quick", "--workdir", str(moved), "--out", str(out))
+    assert not list(moved.glob("runs/*/train.jsonl"))
+    assert len(json.loads(out.with_suffix(".json").read_text())["invocations"]) == 3
+    # A raised budget makes them unfinished runs again (nothing to resume them from).
+    harness("--quick", "--workdir", str(tmp_path / "longer"), "--out", str(out), "--report-only", "--iterations", "6")
+    assert {r["status"] for r in json.loads(out.with_suffix(".json").read_text())["runs"]} == {"not started"}
 
 
 def load_harness(monkeypatch):
