@@ -533,6 +533,10 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _gain(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
 def _value(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -544,6 +548,15 @@ def still_improving(runs: list[dict[str, Any]], patience: int) -> list[dict[str,
         if r["status"] == "finished" and not r["stopped_early"] and r["best_iteration"] is not None
         and r["iterations"] - r["best_iteration"] < patience
     ]  # fmt: skip
+
+
+def late_gain(run: dict[str, Any], patience: int) -> float | None:
+    """How much a run's best validation Dice rose in its last ``patience`` iterations: near 0
+    for a run on a plateau that a noisy validation happened to top late, large for one still
+    learning."""
+    values = [(i, d) for i, d in run["curves"]["validation"] if d is not None]
+    earlier = [d for i, d in values if i <= run["iterations"] - patience]
+    return max(d for _, d in values) - max(earlier) if earlier else None
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -597,11 +610,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: {_cell(stats)} over {stats['n']} seeds{spread}")
     improving = still_improving(runs, p["patience"])
     if improving:
-        named = ", ".join(f"{r['name']} (best at {r['best_iteration']})" for r in improving)
+        named = ", ".join(f"{r['name']} (best at {r['best_iteration']}, {_gain(late_gain(r, p['patience']))})" for r in improving)
         lines += [
             "",
             f"Still improving at the budget of {p['iterations']} iterations (best validation within the last "
-            f"{p['patience']}): {named}. "
+            f"{p['patience']}; how much the best rose in those last {p['patience']} iterations): {named}. "
             "Their scores may rise with a longer budget: start the harness again with a higher `--iterations` "
             "to continue them.",
         ]

@@ -124,6 +124,19 @@ def test_runs_still_improving_at_the_budget_are_named(monkeypatch):
     assert [r["name"] for r in ablation.still_improving(runs, patience=600)] == ["late-best", "at-the-end"]
 
 
+def test_late_gain_tells_a_plateau_from_a_run_still_learning(monkeypatch):
+    ablation = load_harness(monkeypatch)
+
+    def run(validation):
+        return {"iterations": 2400, "curves": {"validation": validation}}
+
+    plateau = run([(1700, 0.90), (1800, 0.905), (2000, 0.89), (2300, 0.907), (2400, None)])
+    learning = run([(1600, 0.70), (1800, 0.75), (2100, 0.80), (2400, 0.85)])
+    assert abs(ablation.late_gain(plateau, patience=600) - 0.002) < 1e-9  # 0.907 against 0.905 at iteration 1800
+    assert abs(ablation.late_gain(learning, patience=600) - 0.10) < 1e-9
+    assert ablation.late_gain(run([(2000, 0.5)]), patience=600) is None  # nothing validated before the window
+
+
 def test_a_run_held_by_a_live_harness_is_left_to_it_and_a_dead_ones_is_taken_over(tmp_path, monkeypatch):
     ablation = load_harness(monkeypatch)
     run = tmp_path / "runs" / "adamw-a1-s1"
