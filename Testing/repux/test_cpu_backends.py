@@ -17,6 +17,9 @@ skip, saying so, only where they are not installed.
 
 from __future__ import annotations
 
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -186,6 +189,22 @@ def test_export_cache_key_follows_the_weights_and_the_window(tmp_path) -> None:
     assert key != export_cache_key(weights, (48, 48, 48), 1) and key != export_cache_key(weights, WINDOW, 2)
     weights.write_bytes(b"weighty")
     assert key != export_cache_key(weights, WINDOW, 1)
+
+
+def test_the_export_cache_keeps_only_the_most_recently_used(tmp_path) -> None:
+    from repux.accel.backends import use_export_cache
+
+    root = tmp_path / ".exports"
+    for age, name in enumerate(["newest", "newer", "older", "oldest"]):
+        (root / name).mkdir(parents=True)
+        (root / name / "network.onnx").write_bytes(b"onnx")
+        when = time.time() - 3600 * (age + 1)
+        os.utime(root / name, (when, when))
+    folder = use_export_cache(root, "oldest", keep=3)  # used again: now the most recent
+    assert folder == root / "oldest" and (folder / "network.onnx").is_file()
+    assert sorted(p.name for p in root.iterdir()) == ["newer", "newest", "oldest"]
+    assert use_export_cache(root, "new", keep=3).is_dir()
+    assert sorted(p.name for p in root.iterdir()) == ["new", "newest", "oldest"]
 
 
 @needs_openvino

@@ -17,6 +17,8 @@ An export costs 10-45 s (the trace, and OpenVINO's compilation), so a caller tha
 same network again passes a ``cache`` folder (:func:`export_cache_key` names one per weights
 and window shape): the ONNX file is written there once, atomically, and OpenVINO keeps its
 compiled network there (its ``CACHE_DIR``); later builds read both instead.
+:func:`use_export_cache` picks that folder in a cache of many and deletes all but the most
+recently used few, so the exports of replaced or removed models do not pile up.
 
 The runtimes are the optional extra ``cpu-backends`` (``pip install repux[cpu-backends]``);
 :func:`backend_available` says whether one is installed. The optimized network runs on the
@@ -29,7 +31,10 @@ import copy
 import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import tempfile
+import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,6 +58,7 @@ __all__ = [
     "export_cache_key",
     "export_onnx",
     "quantize_dense_convolutions",
+    "use_export_cache",
 ]
 
 #: Runtimes :func:`backend_network` can use, and the module each needs.
@@ -146,6 +152,33 @@ def export_cache_key(weights: Path, window: tuple[int, ...], in_chans: int) -> s
     recipe = {"window": list(window), "in_chans": in_chans, "opset": ONNX_OPSET, "repux": repux.__version__, "torch": torch.__version__}
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     return digest.hexdigest()[:32]
+
+
+#: Exports a cache keeps, the most recently used: each is as large as the weights or more
+#: (the ONNX file, and OpenVINO's compiled network), hundreds of MB at the paper's width.
+EXPORTS_KEPT = 4
+
+
+def use_export_cache(root: Path, key: str, keep: int = EXPORTS_KEPT) -> Path:
+    """The folder ``root/key`` (see :func:`export_cache_key`), marked as used now; of the others
+    in ``root`` only the ``keep - 1`` most recently used are kept.
+
+    An export is used when its folder's time is set, here; one that another process is
+    writing was used just now, so it is never the one deleted.
+    """
+    folder = root / key
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)
+    others = [p for p in root.iterdir() if p.is_dir() and p != folder and not p.name.startswith(".")]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[max(keep - 1, 0) :]:
+        trash = root / f".{old.name}.removing-{uuid.uuid4().hex[:8]}"
+        try:  # renamed first, so no half-deleted export is ever read under its key
+            os.replace(old, trash)
+        except OSError:  # another process pruned it, or (Windows) has it open: left for the next run
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    return folder
 
 
 class _Calibration:

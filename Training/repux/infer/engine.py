@@ -136,7 +136,8 @@ class Segmenter:
         backend: "torch", or "openvino": the optimized network exported to OpenVINO
             (:mod:`repux.accel.backends`; CPU only; bfloat16 with ``fast`` where native).
         backend_cache: a folder where that export is kept between runs, in a subfolder per
-            weights and window (:func:`~repux.accel.backends.export_cache_key`); None:
+            weights and window (:func:`~repux.accel.backends.export_cache_key`), the few most
+            recently used kept (:func:`~repux.accel.backends.use_export_cache`); None:
             exported afresh each time.
         windows: "organs": organ-guided windows (:mod:`~repux.infer.guided`; not with a
             region of interest, which runs its own windows); "all": every window of the grid
@@ -199,7 +200,7 @@ class Segmenter:
             InputError: a backend that is unknown, not installed, not on a CPU, or combined
                 with ``network`` or ``optimize=False``.
         """
-        from repux.accel.backends import BACKENDS, backend_available, backend_network, export_cache_key
+        from repux.accel.backends import BACKENDS, backend_available, backend_network, export_cache_key, use_export_cache
 
         if backend not in BACKENDS:
             raise InputError(f"--backend {backend}: expected torch or one of {', '.join(BACKENDS)}")
@@ -211,7 +212,7 @@ class Segmenter:
             raise InputError(f"--backend {backend}: not installed; pip install 'repux[cpu-backends]'")
         in_chans = int(self.bundle.metadata.network["in_chans"])
         if cache is not None:
-            cache = cache / export_cache_key(self.bundle.weights_path, self.window.patch_size, in_chans)
+            cache = use_export_cache(cache, export_cache_key(self.bundle.weights_path, self.window.patch_size, in_chans))
         return backend_network(
             self.bundle.build_network(device="cpu"),
             backend,
