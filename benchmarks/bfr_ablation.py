@@ -91,6 +91,7 @@ class Protocol:
     iterations: int = 2400
     patience: int = 600
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] = dataclasses.field(default_factory=lambda: list(ARMS))
     alphas: list[float] = dataclasses.field(default_factory=lambda: [0.25, 4.0])
 
 
@@ -110,11 +111,12 @@ class RunSpec:
 
 
 def plan(protocol: Protocol) -> list[RunSpec]:
-    """Every run, seed by seed: the three arms at the paper's alpha, then BFR at the other alphas."""
+    """Every run, seed by seed: the arms at the paper's alpha, then BFR at the other alphas."""
     runs = []
     for seed in protocol.seeds:
-        runs += [RunSpec(arm, PAPER_ALPHA, seed) for arm in ARMS]
-        runs += [RunSpec("bfr-adamw", alpha, seed) for alpha in protocol.alphas if alpha != PAPER_ALPHA]
+        runs += [RunSpec(arm, PAPER_ALPHA, seed) for arm in ARMS if arm in protocol.arms]
+        if "bfr-adamw" in protocol.arms:
+            runs += [RunSpec("bfr-adamw", alpha, seed) for alpha in protocol.alphas if alpha != PAPER_ALPHA]
     return runs
 
 
@@ -584,7 +586,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"validation every {p['val_every']} iterations, at most {p['iterations']} iterations, stopped when the "
         f"validation organ-mean Dice has not improved for {p['patience']} iterations; the best validated network is "
         "scored",
-        f"- seeds {p['seeds']}; the paper's alpha {PAPER_ALPHA:g} for every arm, and alphas "
+        f"- arms {p['arms']}, seeds {p['seeds']}; the paper's alpha {PAPER_ALPHA:g} for every arm, and alphas "
         f"{[a for a in p['alphas'] if a != PAPER_ALPHA]} for bfr-adamw (m = a / (d + a): small a damps far taps more)",
         "- test Dice: `repux segment`'s engine (the bundle's overlap and blending) on the test phantoms' own grids, "
         "per organ, mean over cases; below, mean ± sample SD over seeds",
@@ -793,6 +795,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="report path without ending (default benchmarks/results/bfr_ablation)")
     parser.add_argument("--quick", action="store_true", help="tiny data and network, 4 runs of 4 iterations (a smoke test)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of every arm (default 0 1 2)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, help="arms to run (default all three)")
     parser.add_argument("--alphas", type=float, nargs="+", help="other alphas for bfr-adamw (default 0.25 4)")
     parser.add_argument("--iterations", type=int, help="most iterations per run (default 2400)")
     parser.add_argument("--patience", type=int, help="stop a run after this many iterations without a better validation (600)")
@@ -801,7 +804,7 @@ def main() -> None:
     args = parser.parse_args()
 
     protocol = dataclasses.replace(QUICK) if args.quick else Protocol()
-    for option in ("seeds", "alphas", "iterations", "patience"):
+    for option in ("seeds", "arms", "alphas", "iterations", "patience"):
         if getattr(args, option) is not None:
             setattr(protocol, option, getattr(args, option))
     work = Workdir(args.workdir.resolve(), protocol)

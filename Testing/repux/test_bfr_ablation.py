@@ -124,6 +124,17 @@ def test_runs_still_improving_at_the_budget_are_named(monkeypatch):
     assert [r["name"] for r in ablation.still_improving(runs, patience=600)] == ["late-best", "at-the-end"]
 
 
+def test_the_plan_runs_whole_seeds_of_the_chosen_arms(monkeypatch):
+    ablation = load_harness(monkeypatch)
+    full = [r.name for r in ablation.plan(ablation.Protocol(seeds=[0, 1]))]
+    assert full[:5] == ["bfr-adamw-a1-s0", "adamw-a1-s0", "frozen-kernels-a1-s0", "bfr-adamw-a0.25-s0", "bfr-adamw-a4-s0"]
+    assert len(full) == 10 and full[5:] == [name.replace("-s0", "-s1") for name in full[:5]]
+    pair = ablation.Protocol(seeds=[1], arms=["adamw", "bfr-adamw"], alphas=[1.0])
+    assert [r.name for r in ablation.plan(pair)] == ["bfr-adamw-a1-s1", "adamw-a1-s1"]
+    no_prior = ablation.Protocol(seeds=[0], arms=["adamw"])  # other alphas are BFR's: none without it
+    assert [r.name for r in ablation.plan(no_prior)] == ["adamw-a1-s0"]
+
+
 def test_late_gain_tells_a_plateau_from_a_run_still_learning(monkeypatch):
     ablation = load_harness(monkeypatch)
 
