@@ -338,6 +338,7 @@ def train_run(work: Workdir, spec: RunSpec, deadline: float | None) -> None:
         "to_iteration": last_iteration(read_records(log)),
         "returncode": child.returncode,
         "load_average": os.getloadavg()[0],
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),  # None: torch's default, one per core
     }
     info = _read_json(run / "run.json") or {"run": dataclasses.asdict(spec), "sessions": []}
     info["command"] = shlex.join(command)
@@ -521,7 +522,7 @@ def machine() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def _cell(stats: dict[str, Any], digits: int = 3) -> str:
@@ -573,7 +574,7 @@ def markdown(report: dict[str, Any]) -> str:
           if r["status"] == "unfinished"],
         "",
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores (shared with other work), "
-        f"torch {report['machine']['torch']} with {report['machine']['torch_threads']} threads.",
+        f"torch {report['machine']['torch']}; each run's threads are its harness's (`OMP_NUM_THREADS`).",
         "",
         "## Protocol",
         "",
