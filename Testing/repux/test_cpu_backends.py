@@ -195,16 +195,18 @@ def test_the_export_cache_keeps_only_the_most_recently_used(tmp_path) -> None:
     from repux.accel.backends import use_export_cache
 
     root = tmp_path / ".exports"
-    for age, name in enumerate(["newest", "newer", "older", "oldest"]):
+    newest, newer, older, oldest, new = (c * 32 for c in "abcde")
+    (root / "user-folder").mkdir(parents=True)  # not named like an export: never deleted
+    for age, name in enumerate([newest, newer, older, oldest]):
         (root / name).mkdir(parents=True)
         (root / name / "network.onnx").write_bytes(b"onnx")
         when = time.time() - 3600 * (age + 1)
         os.utime(root / name, (when, when))
-    folder = use_export_cache(root, "oldest", keep=3)  # used again: now the most recent
-    assert folder == root / "oldest" and (folder / "network.onnx").is_file()
-    assert sorted(p.name for p in root.iterdir()) == ["newer", "newest", "oldest"]
-    assert use_export_cache(root, "new", keep=3).is_dir()
-    assert sorted(p.name for p in root.iterdir()) == ["new", "newest", "oldest"]
+    folder = use_export_cache(root, oldest, keep=3)  # used again: now the most recent
+    assert folder == root / oldest and (folder / "network.onnx").is_file()
+    assert sorted(p.name for p in root.iterdir()) == sorted([newer, newest, oldest, "user-folder"])
+    assert use_export_cache(root, new, keep=3).is_dir()
+    assert sorted(p.name for p in root.iterdir()) == sorted([new, newest, oldest, "user-folder"])
 
 
 @needs_openvino

@@ -32,6 +32,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -161,7 +162,8 @@ EXPORTS_KEPT = 4
 
 def use_export_cache(root: Path, key: str, keep: int = EXPORTS_KEPT) -> Path:
     """The folder ``root/key`` (see :func:`export_cache_key`), marked as used now; of the others
-    in ``root`` only the ``keep - 1`` most recently used are kept.
+    in ``root`` (folders named like a key; nothing else is touched) only the ``keep - 1`` most
+    recently used are kept.
 
     An export is used when its folder's time is set, here; one that another process is
     writing was used just now, so it is never the one deleted.
@@ -169,7 +171,8 @@ def use_export_cache(root: Path, key: str, keep: int = EXPORTS_KEPT) -> Path:
     folder = root / key
     folder.mkdir(parents=True, exist_ok=True)
     os.utime(folder)
-    others = [p for p in root.iterdir() if p.is_dir() and p != folder and not p.name.startswith(".")]
+    # Only folders named as export_cache_key names them: nothing else in ``root`` is ours to delete.
+    others = [p for p in root.iterdir() if p.is_dir() and p != folder and re.fullmatch(r"[0-9a-f]{32}", p.name)]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[max(keep - 1, 0) :]:
         trash = root / f".{old.name}.removing-{uuid.uuid4().hex[:8]}"
